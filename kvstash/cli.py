@@ -1,0 +1,165 @@
+"""Command-line interface: parses arguments and calls the library (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kvstash.models import DEFAULT_MODEL, list_models
+
+
+def _engine(args):
+    from kvstash.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=args.model, threads=args.threads))
+
+
+def _read_docs(paths: list[str]) -> list[str]:
+    docs = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"kvstash: --doc {p}: no such file")
+        docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def _timings_line(s: dict, load_s: float | None = None) -> str:
+    parts = [
+        f"prompt {s['prompt_tokens']} tok",
+        f"reused {s['reused_tokens']}",
+        f"recomputed {s['recomputed_tokens']}",
+        f"ttft {s['ttft_s']:.3f} s",
+        f"prefill {s['prefill_tok_s']:.0f} tok/s",
+        f"decode {s['decode_tok_s']:.1f} tok/s",
+        f"{s['completion_tokens']} tok out",
+    ]
+    if load_s is not None:
+        parts.append(f"model load {load_s:.1f} s")
+    return "[" + " | ".join(parts) + "]"
+
+
+def answer(engine, question: str, docs: list[str], args) -> int:
+    from kvstash.prompt import Segment
+    from kvstash.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    segs = ([Segment(args.system, "system")] if args.system else []) + [Segment(d) for d in docs]
+    segs.append(Segment(question, "user"))
+    gen = engine.stream(segs, params, reuse=getattr(args, "reuse_method", None))
+    for delta in gen:
+        if args.stream and not args.json:
+            print(delta, end="", flush=True)
+    summary = gen.result.summary()
+    summary["model"] = engine.lm.name
+    summary["model_load_s"] = round(engine.lm.load_s, 3)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        if not args.stream:
+            print(gen.result.text, end="")
+        print()
+        print(_timings_line(summary, engine.lm.load_s))
+    return 0
+
+
+def cmd_ask(args) -> int:
+    docs = _read_docs(args.doc or [])
+    return answer(_engine(args), args.question, docs, args)
+
+
+def cmd_models(args) -> int:
+    rows = [
+        {"name": m.name, "package": m.package, "file": m.gguf_file, "default": m.name == DEFAULT_MODEL}
+        for m in list_models()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(
+                f"{r['name']:<16} {r['file']} (from the {r['package']} package){'  [default]' if r['default'] else ''}"
+            )
+        print("Any local Hugging Face model directory of a Llama-family model also works: --model PATH")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    root = Path(__file__).parent / "demo_docs"
+    files = sorted(p for p in root.iterdir() if p.name.endswith(".txt"))
+    docs = [p.read_text(encoding="utf-8") for p in files]
+    question = args.question
+    print(f"Documents: {', '.join(p.name for p in files)}")
+    print(f"Question: {question}\n")
+    engine = _engine(args)
+    print("Answer: ", end="")
+    return answer(engine, question, docs, args)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system prompt (default: a short RAG instruction)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible answers)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstash",
+        description="KV-cache engine for RAG: chunk KV computed once, stored in tiers, reused at any position.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "ask",
+        help="answer a question over documents",
+        description="Answer a question, optionally over documents, and print the answer and one line of timings.",
+    )
+    p.add_argument("question", help="the question")
+    p.add_argument("--doc", action="append", metavar="FILE", help="a document file (repeatable, kept in order)")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="list the known models", description="List the models kvstash knows.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "demo",
+        help="run a small RAG example on bundled documents",
+        description="Answer a question over three short documents shipped with kvstash.",
+    )
+    p.add_argument("--question", default="Which two elements did Marie Curie discover?")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="kvstash: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"kvstash: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Engine: load a model, take segments, build the prompt's KV with a reuse method, and decode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstash.detok import TextStream
+from kvstash.forward import Runner
+from kvstash.models import DEFAULT_MODEL, LoadedModel, load_model
+from kvstash.prompt import PromptBuilder, PromptPlan, Segment
+from kvstash.reuse import REUSE_METHODS, FullPrefill, Prefilled, PrefillReport, ReuseMethod
+from kvstash.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL  # registry name or local HF model directory
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    prefill_chunk: int = 512  # query tokens per forward during prefill (bounds attention memory)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens or the context limit)
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    ttft_s: float  # request start -> first token chosen (planning, loading, prefill, first sample)
+    prefill_tok_s: float  # prompt tokens computed per second of compute during prefill
+    decode_s: float
+    decode_tok_s: float  # tokens per second after the first one
+    prefill: PrefillReport = field(repr=False)
+
+    def summary(self) -> dict:
+        """The flat JSON view used by the CLI and the benchmarks."""
+        r = self.prefill
+        return {
+            "answer": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": round(self.ttft_s, 4),
+            "prefill_tok_s": round(self.prefill_tok_s, 1),
+            "decode_tok_s": round(self.decode_tok_s, 1),
+            "reuse": r.method,
+            "reused_tokens": r.reused_tokens,
+            "recomputed_tokens": r.recomputed_tokens,
+            "computed_tokens": r.recomputed_tokens,
+            "load_s": round(r.load_s, 4),
+            "recompute_s": round(r.compute_s, 4),
+            "store_s": round(r.store_s, 4),
+            "tier_hits": dict(r.tier_hits),
+        }
+
+
+class Generation:
+    """A streaming generation: iterate for text deltas; ``result`` is set once iteration ends."""
+
+    def __init__(self, it: Iterator[str]):
+        self._it = it
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._it
+
+
+class Engine:
+    """Loads a model once and answers prompts given as segments."""
+
+    def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None, **overrides):
+        self.config = config or EngineConfig(**overrides)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.lm = loaded or load_model(self.config.model, getattr(torch, self.config.dtype))
+        self.runner = Runner(self.lm.model)
+        self.builder = PromptBuilder(self.lm.tokenizer)
+        self.chunks = None  # a chunk source (store) set by reuse-aware callers
+        self.eos_ids = self._eos_ids()
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.lm.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids |= set(extra) if isinstance(extra, list) else {extra}
+        return {i for i in ids if i is not None}
+
+    def plan(self, segments: list[Segment]) -> PromptPlan:
+        if not isinstance(segments, list | tuple) or not all(isinstance(s, Segment) for s in segments):
+            raise TypeError("segments must be a list of kvstash.Segment")
+        return self.builder.build(list(segments))
+
+    def method(self, reuse: str | ReuseMethod | None) -> ReuseMethod:
+        if isinstance(reuse, ReuseMethod):
+            return reuse
+        name = reuse or "full"
+        if name not in REUSE_METHODS:
+            raise ValueError(f"unknown reuse method {name!r}; choose one of: {', '.join(REUSE_METHODS)}")
+        if name == "full":
+            return FullPrefill(self.config.prefill_chunk)
+        return REUSE_METHODS[name]()
+
+    def check_length(self, plan: PromptPlan) -> None:
+        limit = self.lm.context_limit
+        if len(plan) + 1 > limit:
+            raise ValueError(
+                f"prompt is {len(plan)} tokens but {self.lm.name} takes at most {limit} "
+                f"(prompt + at least 1 generated token); shorten the documents or pass fewer"
+            )
+
+    def prefill(self, plan: PromptPlan, reuse: str | ReuseMethod | None = None) -> Prefilled:
+        self.check_length(plan)
+        return self.method(reuse).prefill(self.runner, plan, self.chunks)
+
+    def stream(self, segments: list[Segment], params: SamplingParams | None = None, reuse=None) -> Generation:
+        """Start generating; iterate the returned Generation for text deltas. Errors in input raise here."""
+        params = params or SamplingParams()
+        t0 = time.perf_counter()
+        plan = self.plan(segments)
+        self.check_length(plan)
+        method = self.method(reuse)
+        gen = Generation(iter(()))
+        gen._it = self._decode(gen, plan, method, params, t0)
+        return gen
+
+    def generate(self, segments: list[Segment], params: SamplingParams | None = None, reuse=None) -> GenerationResult:
+        gen = self.stream(segments, params, reuse)
+        for _ in gen:
+            pass
+        assert gen.result is not None
+        return gen.result
+
+    def ask(self, question: str, documents: list[str] = (), system: str | None = None, **kw) -> GenerationResult:
+        """Convenience: one question over plain-text documents."""
+        reuse = kw.pop("reuse", None)
+        segs = ([Segment(system, "system")] if system else []) + [Segment(d) for d in documents]
+        return self.generate([*segs, Segment(question, "user")], SamplingParams(**kw), reuse)
+
+    @torch.inference_mode()
+    def _decode(self, gen: Generation, plan: PromptPlan, method: ReuseMethod, params: SamplingParams, t0: float):
+        pre = method.prefill(self.runner, plan, self.chunks)
+        cache, logits = pre.cache, pre.last_logits
+        rng = params.generator()
+        text = TextStream(self.tokenizer, params.stop)
+        limit = self.lm.context_limit
+        pos = len(plan)
+        token = sample(logits, params, rng)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        finish = "length"
+        while True:
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            delta = text.push(token)
+            if delta:
+                yield delta
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(text.ids) >= params.max_tokens or pos + 1 >= limit:
+                break
+            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache)
+            pos += 1
+            token = sample(logits, params, rng)
+        tail = text.flush()
+        if tail:
+            yield tail
+        decode_s = time.perf_counter() - t1
+        n = len(text.ids)
+        computed = pre.report.recomputed_tokens
+        gen.result = GenerationResult(
+            text=text.text,
+            finish_reason=finish,
+            prompt_tokens=len(plan),
+            completion_tokens=n,
+            token_ids=list(text.ids),
+            ttft_s=ttft,
+            prefill_tok_s=computed / pre.report.compute_s if pre.report.compute_s > 0 else 0.0,
+            decode_s=decode_s,
+            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            prefill=pre.report,
+        )

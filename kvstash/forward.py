@@ -1,0 +1,96 @@
+"""Layer-by-layer forward pass over an explicit KVCache, using the model's own modules and weights.
+
+The runner exposes the pieces of a decoder layer (``qkv``, ``attend``, ``finish``) so that reuse methods can
+recompute chosen tokens against a merged cache; ``forward`` chains them for ordinary prefill and decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvstash.kv import KVCache
+from kvstash.rope import Rope, apply_rope
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask by absolute position: a query sees keys at its own or earlier positions.
+
+    q_pos: [Tq]; k_pos: [n] or [KVH, n] -> [Tq, n] or [KVH, Tq, n] (True = attend).
+    """
+    return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+
+
+class Runner:
+    """Runs a Llama-family *ForCausalLM one decoder layer at a time (batch size 1)."""
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.num_layers = len(self.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
+        self.rope = Rope.from_model(model)
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
+
+    # --- the pieces of one decoder layer -------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)  # [T] -> [T, hidden]
+
+    def qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Normed projections with rotary applied. h: [T, hidden] -> q [H, T, D], k, v [KVH, T, D]."""
+        attn = self.layers[layer].self_attn
+        x = self.layers[layer].input_layernorm(h)
+        t = h.shape[0]
+        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention. q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n] -> [Tq, H*D]."""
+        if mask is not None and mask.dim() == 3:  # per-head positions after eviction
+            mask = mask.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP, residual. h, result: [T, hidden]."""
+        block = self.layers[layer]
+        h = h + block.self_attn.o_proj(attn_out)
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(h)).float()  # [T, hidden] -> [T, vocab]
+
+    # --- whole passes ------------------------------------------------------------------------------------
+    def layer_mask(self, cache: KVCache, layer: int, q_pos: torch.Tensor) -> torch.Tensor | None:
+        _, _, k_pos = cache.layer(layer)
+        if cache.uniform:
+            k_pos = k_pos[0]
+        mask = causal_mask(q_pos, k_pos)
+        return None if bool(mask.all()) else mask
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
+        """Append tokens ``ids`` [T] at ``positions`` [T] to ``cache`` and return logits.
+
+        Changes ``cache``: its length grows by T and every layer's new slots are written.
+        Returns [T, vocab] if ``all_logits`` else [vocab] for the last token.
+        """
+        cos, sin = self.rope.cos_sin(positions)
+        start = cache.append(positions)
+        mask = self.layer_mask(cache, 0, positions) if cache.uniform else None
+        h = self.embed(ids)
+        for i in range(self.num_layers):
+            q, k, v = self.qkv(i, h, cos, sin)
+            cache.write(i, start, k, v)
+            k_all, v_all, _ = cache.layer(i)
+            m = mask if cache.uniform else self.layer_mask(cache, i, positions)
+            h = self.finish(i, h, self.attend(q, k_all, v_all, m))
+        return self.logits(h) if all_logits else self.logits(h[-1:])[0]

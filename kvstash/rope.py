@@ -1,0 +1,56 @@
+"""Rotary position embedding as pure functions: rotate to absolute positions, and re-position rotated keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Rope types whose angle is position * a fixed inverse frequency, so that rotations compose:
+# R(p_new) = R(p_new - p_old) @ R(p_old). Dynamic/YaRN/LongRoPE change frequencies with length.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class Rope:
+    inv_freq: torch.Tensor  # [head_dim // 2] float32
+    attention_scaling: float  # multiplies cos and sin (1.0 for the supported types)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> Rope:
+        emb = model.model.rotary_emb
+        rope_type = getattr(emb, "rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported (its rotations do not compose, so cached keys "
+                f"cannot be re-positioned); supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        return cls(emb.inv_freq.detach().float().clone(), float(emb.attention_scaling))
+
+    def cos_sin(self, positions: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] int64 -> cos, sin: [T, head_dim] float32
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        s = self.attention_scaling if scaled else 1.0
+        return emb.cos() * s, emb.sin() * s
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [heads, T, head_dim]; cos, sin: [T, head_dim]
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def reposition(keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate keys computed at positions ``old`` so they are as if computed at ``new``.
+
+    keys: [..., T, head_dim] (already rotated to ``old``); old, new: [T] int64. Returns a new tensor.
+    """
+    if torch.equal(old, new):
+        return keys
+    cos, sin = rope.cos_sin(new - old, scaled=False)  # [T, head_dim]
+    return apply_rope(keys, cos, sin)

@@ -1,0 +1,287 @@
+"""The tier interface: a dict from chunk key to an encoded record that lives somewhere (RAM, disk, Redis).
+
+:class:`Tier` owns the shared work (encode, checksum and key verification, token-id comparison, counters);
+a tier subclass supplies only byte storage: ``_read``, ``_write``, ``_remove``, ``_iter_keys``, ``_usage``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, NamedTuple
+
+from kvstash.chunk import ChunkKV
+from kvstash.store.codec import get_codec
+from kvstash.store.record import CorruptRecord, chunk_key, decode_record, encode_record
+
+log = logging.getLogger(__name__)
+
+KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,128}")  # what a chunk key may be (safe as a file name)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What every tier of one store agrees on: whose KV it holds and how it is encoded."""
+
+    model_fingerprint: str  # identifies model weights + dtype; part of every key and record header
+    codec: str = "fp16"  # codec name from kvstash.store.codec (fp32, fp16, bf16, ...)
+
+    def __post_init__(self) -> None:
+        if not self.model_fingerprint:
+            raise ValueError("StoreConfig.model_fingerprint is empty; pass the model's fingerprint string")
+        get_codec(self.codec)  # ValueError listing the known codecs
+
+    def key(self, token_ids: Sequence[int]) -> str:
+        """The content key of a chunk of ``token_ids`` under this model and codec."""
+        return chunk_key(self.model_fingerprint, token_ids, self.codec)
+
+
+@dataclass(frozen=True)
+class TierStats:
+    name: str  # tier kind: ram, disk, redis
+    entries: int  # records held now
+    bytes: int  # bytes of records held now (encoded, headers included)
+    hits: int  # gets that returned a chunk
+    misses: int  # gets that returned None (absent, corrupt, token-id mismatch, tier error)
+    evictions: int  # records removed to stay within the byte budget
+    corrupt: int  # records found damaged (on get or verify) and removed
+    errors: int  # backend failures (I/O, network) turned into misses or skipped writes
+    rejected: int  # puts not stored because one record is larger than the whole budget
+    puts: int  # records written
+    bytes_per_token: float  # mean record bytes per token over records written or served by this process
+    budget_bytes: int | None = None  # byte budget; None = unbounded (or bounded by the backend)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+class VerifyResult(NamedTuple):
+    checked: int  # records read
+    ok: int  # records intact
+    removed: int  # records found corrupt and removed
+
+
+class Hit(NamedTuple):
+    """A verified record: the chunk and its blob (so promotion to another tier needs no re-encode)."""
+
+    chunk: ChunkKV
+    blob: bytes | bytearray
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    rejected: int = 0
+    puts: int = 0
+    token_bytes: int = 0  # record bytes behind bytes_per_token
+    tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class Tier(ABC):
+    """One storage level. Every public method is thread-safe and never raises for backend trouble:
+    a failure is a miss (get) or a skipped write (put), counted in :meth:`stats`.
+    Keys are ``[0-9A-Za-z_-]{1,128}`` (what :func:`chunk_key` makes); anything else is a ValueError.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: StoreConfig, budget_bytes: int | None = None) -> None:
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"{self.name} budget must be a positive number of bytes, got {budget_bytes}")
+        self.config = config
+        self.budget_bytes = budget_bytes
+        self._c = _Counters()
+        self._failing = False  # in an outage: warn once when it starts, once when it ends
+
+    # --- what a tier supplies -------------------------------------------------------------------
+
+    @abstractmethod
+    def _read(self, key: str, touch: bool = True) -> bytes | bytearray | None:
+        """The blob under ``key`` or None; ``touch`` marks it recently used."""
+
+    @abstractmethod
+    def _write(self, key: str, blob: bytes) -> bool:
+        """Store ``blob`` (evicting as needed); False if it was not stored (already counted)."""
+
+    @abstractmethod
+    def _remove(self, key: str) -> bool:
+        """Remove ``key``; False if it was not there."""
+
+    @abstractmethod
+    def _iter_keys(self) -> Iterator[str]:
+        """Keys held now (a snapshot is fine)."""
+
+    @abstractmethod
+    def _usage(self) -> tuple[int, int]:
+        """(entries, bytes) held now."""
+
+    def _contains(self, key: str) -> bool:
+        return self._read(key, touch=False) is not None
+
+    def _read_many(self, keys: Sequence[str]) -> list[bytes | bytearray | None]:
+        return [self._read(k) for k in keys]
+
+    def _clear(self) -> None:
+        for key in list(self._iter_keys()):
+            self._remove(key)
+
+    def gc(self) -> int:
+        """Housekeeping (stale temp files, budget re-check). Returns how many things it removed."""
+        return 0
+
+    def close(self) -> None:
+        """Release connections or handles; the tier is not used afterwards."""
+        return None
+
+    # --- the shared interface -------------------------------------------------------------------
+
+    def get(self, key: str, token_ids: Sequence[int]) -> ChunkKV | None:
+        """The chunk under ``key`` if present, intact and holding exactly ``token_ids``; else None.
+        Marks it recently used; removes it if corrupt."""
+        hit = self.lookup(key, token_ids)
+        return hit.chunk if hit else None
+
+    def lookup(self, key: str, token_ids: Sequence[int]) -> Hit | None:
+        """Like :meth:`get`, also returning the verified blob."""
+        _check_key(key)
+        return self._verify_hit(key, token_ids, self._read(key))
+
+    def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[ChunkKV | None]:
+        """:meth:`get` for several keys at once (one round trip where the backend allows)."""
+        hits = self.lookup_many(keys, token_ids_list)
+        return [h.chunk if h else None for h in hits]
+
+    def lookup_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[Hit | None]:
+        if len(keys) != len(token_ids_list):
+            raise ValueError(f"get_many got {len(keys)} keys but {len(token_ids_list)} token-id lists")
+        for key in keys:
+            _check_key(key)
+        blobs = self._read_many(keys)
+        return [self._verify_hit(k, t, b) for k, t, b in zip(keys, token_ids_list, blobs, strict=True)]
+
+    def put(self, key: str, chunk: ChunkKV) -> bool:
+        """Encode ``chunk`` with the config's codec and store it under ``key``, evicting LRU records if
+        the budget needs room. Returns whether it was stored."""
+        _check_key(key)
+        blob = encode_record(key, self.config.model_fingerprint, self.config.codec, chunk)
+        return self.put_blob(key, blob, chunk.num_tokens)
+
+    def put_blob(self, key: str, blob: bytes, num_tokens: int) -> bool:
+        """Store an already-encoded record (from :func:`encode_record` or another tier's :class:`Hit`)."""
+        _check_key(key)
+        stored = self._write(key, bytes(blob))
+        if stored:
+            self._count(puts=1, token_bytes=len(blob), tokens=num_tokens)
+        return stored
+
+    def contains(self, key: str) -> bool:
+        """Whether a record is held under ``key`` (not verified, LRU order unchanged)."""
+        _check_key(key)
+        return self._contains(key)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; returns whether it was there."""
+        _check_key(key)
+        return self._remove(key)
+
+    def keys(self) -> Iterator[str]:
+        """Iterate over the keys held now."""
+        return self._iter_keys()
+
+    def clear(self) -> None:
+        """Remove every record of this tier (counters are kept)."""
+        self._clear()
+
+    def verify(self) -> VerifyResult:
+        """Read and check every record; remove (and count as corrupt) the damaged ones. LRU order kept."""
+        checked = ok = removed = 0
+        for key in list(self._iter_keys()):
+            blob = self._read(key, touch=False)
+            if blob is None:  # removed meanwhile
+                continue
+            checked += 1
+            try:
+                decode_record(blob, expect_key=key)
+                ok += 1
+            except CorruptRecord as e:
+                self._drop_corrupt(key, e)
+                removed += 1
+        return VerifyResult(checked, ok, removed)
+
+    def stats(self) -> TierStats:
+        entries, nbytes = self._usage()
+        c = self._c
+        with c.lock:
+            counts = {f.name: getattr(c, f.name) for f in fields(c) if f.name != "lock"}
+        token_bytes, tokens = counts.pop("token_bytes"), counts.pop("tokens")
+        return TierStats(
+            name=self.name,
+            entries=entries,
+            bytes=nbytes,
+            bytes_per_token=token_bytes / tokens if tokens else 0.0,
+            budget_bytes=self.budget_bytes,
+            **counts,
+        )
+
+    # --- helpers for subclasses -----------------------------------------------------------------
+
+    def _count(self, **deltas: int) -> None:
+        with self._c.lock:
+            for name, delta in deltas.items():
+                setattr(self._c, name, getattr(self._c, name) + delta)
+
+    def _backend_error(self, op: str, err: BaseException) -> None:
+        """Count a backend failure; log a warning at the first one of an outage only."""
+        self._count(errors=1)
+        with self._c.lock:
+            first, self._failing = not self._failing, True
+        if first:
+            log.warning("%s tier: %s failed (%s); treating as a miss until it recovers", self.name, op, err)
+
+    def _backend_ok(self) -> None:
+        if self._failing:
+            with self._c.lock:
+                was, self._failing = self._failing, False
+            if was:
+                log.warning("%s tier: working again", self.name)
+
+    def _verify_hit(self, key: str, token_ids: Sequence[int], blob: bytes | bytearray | None) -> Hit | None:
+        if blob is None:
+            self._count(misses=1)
+            return None
+        try:
+            record = decode_record(blob, expect_key=key)
+        except CorruptRecord as e:
+            self._drop_corrupt(key, e)
+            self._count(misses=1)
+            return None
+        chunk = record.chunk
+        if chunk.token_ids != _as_ids(token_ids) or record.model_fingerprint != self.config.model_fingerprint:
+            self._count(misses=1)  # a key collision or a caller's stale key: never serve it
+            return None
+        self._count(hits=1, token_bytes=len(blob), tokens=chunk.num_tokens)
+        return Hit(chunk, blob)
+
+    def _drop_corrupt(self, key: str, err: CorruptRecord) -> None:
+        log.warning("%s tier: removing record %s: %s", self.name, key, err)
+        self._count(corrupt=1)
+        self._remove(key)
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise ValueError(f"bad chunk key {key!r}: make keys with chunk_key() or StoreConfig.key()")
+
+
+def _as_ids(token_ids: Sequence[int]) -> list[int]:
+    return token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
