@@ -12,9 +12,20 @@ from kvstash.models import DEFAULT_MODEL, list_models
 
 
 def _engine(args):
+    from kvstash.chunks import DEFAULT_STORE
     from kvstash.engine import Engine, EngineConfig
 
-    return Engine(EngineConfig(model=args.model, threads=args.threads))
+    store = getattr(args, "store", None) or DEFAULT_STORE
+    codec = getattr(args, "codec", None) or "fp16"
+    return Engine(EngineConfig(model=args.model, threads=args.threads, store=store, codec=codec))
+
+
+def _reuse(args) -> str | None:
+    """--reuse, defaulting to blend when a --store is given (else full)."""
+    reuse = getattr(args, "reuse", None)
+    if reuse is None:
+        reuse = "blend" if getattr(args, "store", None) else "full"
+    return reuse
 
 
 def _read_docs(paths: list[str]) -> list[str]:
@@ -55,13 +66,22 @@ def answer(engine, question: str, docs: list[str], args) -> int:
     )
     segs = ([Segment(args.system, "system")] if args.system else []) + [Segment(d) for d in docs]
     segs.append(Segment(question, "user"))
-    gen = engine.stream(segs, params, reuse=getattr(args, "reuse_method", None))
+    method = engine.method(
+        _reuse(args),
+        ratio=getattr(args, "ratio", None),
+        check_layer=getattr(args, "check_layer", None),
+        gate=getattr(args, "gate", None),
+    )
+    gen = engine.stream(segs, params, reuse=method)
     for delta in gen:
         if args.stream and not args.json:
             print(delta, end="", flush=True)
     summary = gen.result.summary()
     summary["model"] = engine.lm.name
     summary["model_load_s"] = round(engine.lm.load_s, 3)
+    if gen.result.prefill.method != "full":
+        summary["segments"] = [vars(x) for x in gen.result.prefill.segments]
+        summary["gate_fired"] = gen.result.prefill.gate_fired
     if args.json:
         print(json.dumps(summary))
     else:
@@ -116,6 +136,24 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--store",
+        metavar="SPEC",
+        help="chunk KV store, e.g. ram:4GiB,disk:~/.cache/kvstash/kv:50GiB,"
+        "redis://127.0.0.1:6379/0 (default: an in-process ram store)",
+    )
+    p.add_argument("--codec", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8, kivi4, kivi2")
+    p.add_argument(
+        "--reuse", metavar="METHOD", help="full | prefix | naive | blend (default: blend with --store, else full)"
+    )
+    p.add_argument("--ratio", type=float, help="blend: share of reused tokens recomputed (default 0.15)")
+    p.add_argument("--check-layer", type=int, help="blend: layer where deviations are measured (default 1)")
+    p.add_argument(
+        "--gate",
+        type=float,
+        help="blend: recompute a whole chunk when its relative KV deviation "
+        "at the check layer exceeds this (off by default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

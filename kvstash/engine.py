@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstash.chunks import DEFAULT_STORE, ChunkSource
 from kvstash.detok import TextStream
 from kvstash.forward import Runner
 from kvstash.models import DEFAULT_MODEL, LoadedModel, load_model
 from kvstash.prompt import PromptBuilder, PromptPlan, Segment
-from kvstash.reuse import REUSE_METHODS, FullPrefill, Prefilled, PrefillReport, ReuseMethod
+from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, make_method
 from kvstash.sampling import SamplingParams, sample
 
 
@@ -22,6 +23,8 @@ class EngineConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     threads: int | None = None  # torch CPU threads (None: torch's default)
     prefill_chunk: int = 512  # query tokens per forward during prefill (bounds attention memory)
+    store: str = DEFAULT_STORE  # chunk store spec for the reuse methods, e.g. ram:4GiB,disk:DIR
+    codec: str = "fp16"  # how chunk KV is encoded in the store
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -88,8 +91,21 @@ class Engine:
         self.lm = loaded or load_model(self.config.model, getattr(torch, self.config.dtype))
         self.runner = Runner(self.lm.model)
         self.builder = PromptBuilder(self.lm.tokenizer)
-        self.chunks = None  # a chunk source (store) set by reuse-aware callers
+        self._chunks: ChunkSource | None = None  # opened on first use by a reuse method
         self.eos_ids = self._eos_ids()
+
+    @property
+    def chunks(self) -> ChunkSource:
+        """The chunk store (``config.store``), opened on first use."""
+        if self._chunks is None:
+            self._chunks = ChunkSource.open(
+                self.runner,
+                self.lm.fingerprint,
+                self.config.store,
+                self.config.codec,
+                prefill_chunk=self.config.prefill_chunk,
+            )
+        return self._chunks
 
     @property
     def tokenizer(self):
@@ -107,15 +123,14 @@ class Engine:
             raise TypeError("segments must be a list of kvstash.Segment")
         return self.builder.build(list(segments))
 
-    def method(self, reuse: str | ReuseMethod | None) -> ReuseMethod:
+    def method(self, reuse: str | ReuseMethod | None, **opts) -> ReuseMethod:
+        """A reuse method from a name (``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``) or as given."""
         if isinstance(reuse, ReuseMethod):
             return reuse
-        name = reuse or "full"
-        if name not in REUSE_METHODS:
-            raise ValueError(f"unknown reuse method {name!r}; choose one of: {', '.join(REUSE_METHODS)}")
-        if name == "full":
-            return FullPrefill(self.config.prefill_chunk)
-        return REUSE_METHODS[name]()
+        return make_method(reuse or "full", self.config.prefill_chunk, **opts)
+
+    def _source(self, method: ReuseMethod) -> ChunkSource | None:
+        return None if method.name == "full" else self.chunks
 
     def check_length(self, plan: PromptPlan) -> None:
         limit = self.lm.context_limit
@@ -127,7 +142,19 @@ class Engine:
 
     def prefill(self, plan: PromptPlan, reuse: str | ReuseMethod | None = None) -> Prefilled:
         self.check_length(plan)
-        return self.method(reuse).prefill(self.runner, plan, self.chunks)
+        method = self.method(reuse)
+        return method.prefill(self.runner, plan, self._source(method))
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, pre: Prefilled, answer_ids: list[int]) -> torch.Tensor:
+        """Next-token logits along a given answer after a prefill: row i is the distribution of answer token i
+        given the prompt and answer[:i]. Returns [len(answer_ids), vocab]. Extends ``pre.cache``."""
+        if not answer_ids:
+            return pre.last_logits[None]
+        pos = pre.cache.next_position()
+        ids = torch.tensor(answer_ids[:-1], dtype=torch.long)
+        rest = self.runner.forward(ids, torch.arange(pos, pos + len(ids)), pre.cache, all_logits=True)
+        return torch.cat([pre.last_logits[None], rest]) if len(ids) else pre.last_logits[None]
 
     def stream(self, segments: list[Segment], params: SamplingParams | None = None, reuse=None) -> Generation:
         """Start generating; iterate the returned Generation for text deltas. Errors in input raise here."""
@@ -155,7 +182,7 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, gen: Generation, plan: PromptPlan, method: ReuseMethod, params: SamplingParams, t0: float):
-        pre = method.prefill(self.runner, plan, self.chunks)
+        pre = method.prefill(self.runner, plan, self._source(method))
         cache, logits = pre.cache, pre.last_logits
         rng = params.generator()
         text = TextStream(self.tokenizer, params.stop)

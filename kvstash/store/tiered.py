@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from kvstash.chunk import ChunkKV
 from kvstash.store.base import Hit, StoreConfig, Tier, TierStats, VerifyResult
 from kvstash.store.record import encode_record
+
+
+class Fetched(NamedTuple):
+    chunk: ChunkKV
+    tier: str  # name of the tier that had it: ram, disk, redis
 
 
 class TieredStore:
@@ -29,11 +35,16 @@ class TieredStore:
     def get(self, key: str, token_ids: Sequence[int]) -> ChunkKV | None:
         """The chunk from the fastest tier that has it intact with these token ids, or None.
         Promotes a hit into the faster tiers."""
+        found = self.fetch(key, token_ids)
+        return found.chunk if found is not None else None
+
+    def fetch(self, key: str, token_ids: Sequence[int]) -> Fetched | None:
+        """Like :meth:`get`, also naming the tier the chunk was found in."""
         for i, tier in enumerate(self.tiers):
             hit = tier.lookup(key, token_ids)
             if hit is not None:
                 self._promote(key, hit, self.tiers[:i])
-                return hit.chunk
+                return Fetched(hit.chunk, tier.name)
         return None
 
     def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[ChunkKV | None]:

@@ -1,0 +1,284 @@
+"""Reuse methods over the chunk store: ``prefix`` (exact), ``naive`` (re-positioned chunks, no recompute) and
+``blend`` (CacheBlend-style selective recompute).
+
+All three start the same way: the longest run of leading segments whose in-context KV is cached is loaded
+exactly. ``prefix`` computes the rest in full. ``naive`` and ``blend`` lay the remaining reusable segments'
+standalone chunk KV at their new positions (keys re-rotated) and compute the other segments (the question,
+template glue) on top; ``blend`` also recomputes the reused tokens whose KV deviates most from what a full
+prefill would give, chosen at a check layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvstash.chunks import ChunkSource, ChunkStats
+from kvstash.forward import Runner, causal_mask
+from kvstash.kv import KVCache
+from kvstash.prompt import PromptPlan
+from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, SegmentReport, compute_tokens, register_method
+from kvstash.rope import reposition
+
+
+def _require(chunks: ChunkSource | None, name: str) -> ChunkSource:
+    if chunks is None:
+        raise ValueError(f"reuse method {name!r} needs a chunk store; open the engine with a store")
+    return chunks
+
+
+def _prefix_limit(plan: PromptPlan) -> int:
+    """Segments before the first user segment: the ones whose in-context KV is worth caching."""
+    return next(i for i, s in enumerate(plan.segments) if s.kind == "user")
+
+
+def _lead(plan: PromptPlan) -> int:
+    """Segments before the first document: the shared head (template glue, system prompt) that naive and
+    blend compute exactly and cache in context rather than re-position."""
+    return next(i for i, s in enumerate(plan.segments) if s.kind in ("document", "user"))
+
+
+def _report(name: str, plan: PromptPlan, stats: ChunkStats) -> PrefillReport:
+    r = PrefillReport(name, len(plan), load_s=stats.load_s, compute_s=stats.compute_s, store_s=stats.store_s)
+    r.segments = [SegmentReport(s.kind, len(s.token_ids)) for s in plan.segments]
+    r.tier_hits = stats.tier_hits
+    return r
+
+
+@register_method
+class PrefixReuse(ReuseMethod):
+    """Exact reuse of the cached leading segments; everything after them is computed (and cached)."""
+
+    name = "prefix"
+
+    def __init__(self, prefill_chunk: int = 512):
+        self.prefill_chunk = prefill_chunk
+
+    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Prefilled:
+        chunks = _require(chunks, self.name)
+        stats = ChunkStats()
+        cache = runner.new_cache(len(plan) + 64)
+        limit = _prefix_limit(plan)
+        tiers = chunks.load_prefix(plan, cache, stats, limit)
+        t = time.perf_counter()
+        start = cache.length
+        logits = compute_tokens(runner, cache, plan.token_ids[start:], start, self.prefill_chunk)
+        stats.compute_s += time.perf_counter() - t
+        chunks.save_prefix(plan, cache, len(tiers), limit, stats)
+        report = _report(self.name, plan, stats)
+        for i, seg in enumerate(report.segments):
+            if i < len(tiers):
+                seg.reused, seg.tier = seg.tokens, tiers[i]
+            else:
+                seg.recomputed = seg.tokens
+        return Prefilled(cache, logits, report)
+
+
+@dataclass
+class Layout:
+    """The prompt after its exact prefix: which tokens are reused chunk KV and which must be computed."""
+
+    start: int  # slot/position of the first token after the exact prefix
+    ids: torch.Tensor  # [R] token ids of the rest
+    reused: torch.Tensor  # [R] bool: the token's KV came from a standalone chunk
+    segment: torch.Tensor  # [R] int64: index into plan.segments
+
+
+def lay_out(
+    runner: Runner,
+    plan: PromptPlan,
+    cache: KVCache,
+    chunks: ChunkSource,
+    n_prefix: int,
+    stats: ChunkStats,
+    report: PrefillReport,
+) -> Layout:
+    """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
+    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``."""
+    rest = list(enumerate(plan.segments))[n_prefix:]
+    reusable = [(i, s) for i, s in rest if s.reusable]
+    lookups = dict(zip((i for i, _ in reusable), chunks.standalone([s for _, s in reusable], stats), strict=True))
+    start = cache.length
+    t = time.perf_counter()
+    cache.append(torch.arange(start, len(plan)))
+    ids, reused, segment = [], [], []
+    for i, seg in rest:
+        n = len(seg.token_ids)
+        ids += seg.token_ids
+        segment += [i] * n
+        hit = lookups.get(i)
+        reused += [hit is not None] * n
+        if hit is None:
+            continue
+        new_pos = torch.arange(seg.start, seg.end)
+        keys = reposition(hit.chunk.keys.to(cache.dtype), hit.chunk.positions, new_pos, runner.rope)
+        cache.k[:, :, seg.start : seg.end] = keys
+        cache.v[:, :, seg.start : seg.end] = hit.chunk.values.to(cache.dtype)
+        rep = report.segments[i]
+        rep.tier = hit.tier
+        if hit.tier is None:  # a miss: computed standalone in this request
+            rep.recomputed = n
+        else:
+            rep.reused = n
+    stats.load_s += time.perf_counter() - t
+    return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    ratio: float = 0.15  # share of reused tokens recomputed in every layer after the check layer
+    check_layer: int = 1  # layer where fresh and cached KV are compared (layers before it run in full)
+    select_by: str = "value"  # deviation measured on: value | key | kv
+    gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"blend ratio must be in [0, 1], got {self.ratio}")
+        if self.check_layer < 0:
+            raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.select_by not in ("value", "key", "kv"):
+            raise ValueError(f"select_by must be value, key or kv, got {self.select_by!r}")
+        if self.gate is not None and self.gate <= 0:
+            raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
+
+
+def deviation(fresh_k, fresh_v, old_k, old_v, select_by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token deviation of fresh from cached KV. All inputs [KVH, T, D] -> (absolute [T], relative [T])."""
+    parts = {"value": [(fresh_v, old_v)], "key": [(fresh_k, old_k)], "kv": [(fresh_k, old_k), (fresh_v, old_v)]}
+    diff = sum(((f - o).float().pow(2).sum(dim=(0, 2)) for f, o in parts[select_by]), torch.zeros(()))
+    norm = sum((f.float().pow(2).sum(dim=(0, 2)) for f, _ in parts[select_by]), torch.zeros(()))
+    return diff.sqrt(), (diff / norm.clamp_min(1e-12)).sqrt()
+
+
+def select_tokens(dev: torch.Tensor, rel: torch.Tensor, segment: torch.Tensor, cfg: BlendConfig):
+    """Pick reused tokens to recompute. dev, rel, segment: [N] over reused tokens -> (bool [N], gate count)."""
+    chosen = torch.zeros_like(dev, dtype=torch.bool)
+    k = round(cfg.ratio * dev.numel())
+    if k:
+        chosen[torch.topk(dev, k).indices] = True
+    fired = 0
+    if cfg.gate is not None:
+        for s in segment.unique():
+            m = segment == s
+            if rel[m].mean() > cfg.gate:
+                chosen |= m
+                fired += 1
+    return chosen, fired
+
+
+class _PartialPrefill(ReuseMethod):
+    """Shared machinery for naive and blend: exact prefix, chunk layout, then a layer loop over the
+    tokens being computed (``active``), attending over the merged cache by absolute position."""
+
+    def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
+        self.cfg = cfg or BlendConfig()
+        self.prefill_chunk = prefill_chunk
+
+    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Prefilled:
+        chunks = _require(chunks, self.name)
+        stats = ChunkStats()
+        cache = runner.new_cache(len(plan) + 64)
+        tiers = chunks.load_prefix(plan, cache, stats, _prefix_limit(plan))
+        report = _report(self.name, plan, stats)
+        for i, tier in enumerate(tiers):
+            report.segments[i].reused, report.segments[i].tier = report.segments[i].tokens, tier
+        n_exact, lead = len(tiers), _lead(plan)
+        if n_exact < lead:  # the shared head is not cached yet: compute it exactly and cache it in context
+            t = time.perf_counter()
+            compute_tokens(
+                runner,
+                cache,
+                plan.token_ids[cache.length : plan.segments[lead].start],
+                cache.length,
+                self.prefill_chunk,
+            )
+            stats.compute_s += time.perf_counter() - t
+            chunks.save_prefix(plan, cache, n_exact, lead, stats)
+            for seg in report.segments[n_exact:lead]:
+                seg.recomputed = seg.tokens
+            n_exact = lead
+        layout = lay_out(runner, plan, cache, chunks, n_exact, stats, report)
+        t = time.perf_counter()
+        logits, chosen, fired = self.run_layers(runner, cache, layout)
+        stats.compute_s += time.perf_counter() - t
+        for seg_idx in layout.segment[~layout.reused].unique().tolist():
+            report.segments[seg_idx].recomputed = report.segments[seg_idx].tokens
+        for seg_idx, n in zip(*layout.segment[chosen].unique(return_counts=True), strict=True):
+            report.segments[int(seg_idx)].recomputed = int(n)
+        report.load_s, report.compute_s, report.store_s = stats.load_s, stats.compute_s, stats.store_s
+        report.tier_hits, report.gate_fired = stats.tier_hits, fired
+        return Prefilled(cache, logits, report)
+
+    def initial_active(self, layout: Layout) -> torch.Tensor:
+        """Tokens (relative to layout.start) computed from layer 0."""
+        return torch.ones_like(layout.reused)
+
+    @torch.inference_mode()
+    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout):
+        """Returns (last-token logits [V], chosen [R] bool over all rest tokens, gate count)."""
+        active = self.initial_active(layout).nonzero().squeeze(1)  # indices into the rest
+        positions = torch.arange(layout.start, cache.length)
+        cos_all, sin_all = runner.rope.cos_sin(positions)
+        h = runner.embed(layout.ids[active])
+        chosen = torch.zeros_like(layout.reused)
+        fired = 0
+        for layer in range(runner.num_layers):
+            cos, sin = cos_all[active], sin_all[active]
+            q, k, v = runner.qkv(layer, h, cos, sin)
+            slots = layout.start + active
+            if self.checks_at(layer):
+                keep, chosen, fired = self.check(cache, layer, layout, active, k, v)
+                slots, q, k, v, h, active = slots[keep], q[:, keep], k[:, keep], v[:, keep], h[keep], active[keep]
+            write = ~layout.reused[active] | chosen[active] | torch.tensor(layer < self.cfg.check_layer)
+            cache.write_slots(layer, slots[write], k[:, write], v[:, write])
+            k_all, v_all, k_pos = cache.layer(layer)
+            mask = causal_mask(positions[active], k_pos[0])
+            h = runner.finish(layer, h, self.attend(runner, q, k_all, v_all, mask))
+        assert int(active[-1]) == len(layout.ids) - 1, "the prompt's last token must be computed"
+        return runner.logits(h[-1:])[0], chosen, fired
+
+    def attend(self, runner: Runner, q, k_all, v_all, mask) -> torch.Tensor:
+        step = self.prefill_chunk
+        outs = [runner.attend(q[:, s : s + step], k_all, v_all, mask[s : s + step]) for s in range(0, q.shape[1], step)]
+        return torch.cat(outs)
+
+    def checks_at(self, layer: int) -> bool:
+        return False
+
+    def check(self, cache, layer, layout, active, k, v):
+        raise NotImplementedError
+
+
+@register_method
+class NaiveReuse(_PartialPrefill):
+    """Re-positioned chunk KV concatenated; only the segments without cached KV (question, glue) are computed."""
+
+    name = "naive"
+
+    def initial_active(self, layout: Layout) -> torch.Tensor:
+        return ~layout.reused
+
+
+@register_method
+class BlendReuse(_PartialPrefill):
+    """CacheBlend: all tokens run in full up to the check layer; there the reused tokens whose fresh KV
+    deviates most from the cached KV are chosen, and only they (plus uncached segments) run on."""
+
+    name = "blend"
+
+    def checks_at(self, layer: int) -> bool:
+        return layer == self.cfg.check_layer
+
+    def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v):
+        # active holds every rest token here (all run in full up to the check layer)
+        reused = layout.reused[active]
+        slots = layout.start + active[reused]
+        old_k, old_v = cache.k[layer][:, slots], cache.v[layer][:, slots]
+        dev, rel = deviation(k[:, reused], v[:, reused], old_k, old_v, self.cfg.select_by)
+        pick, fired = select_tokens(dev, rel, layout.segment[active[reused]], self.cfg)
+        chosen = torch.zeros_like(layout.reused)
+        chosen[active[reused][pick]] = True
+        keep = ~reused | chosen[active]
+        return keep, chosen, fired
