@@ -21,6 +21,7 @@ from kvstash.kv import KVCache
 from kvstash.prompt import PromptPlan
 from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, SegmentReport, compute_tokens, register_method
 from kvstash.rope import reposition
+from kvstash.selection import chunk_heads, deviation, gate, top_share
 
 
 def _require(chunks: ChunkSource | None, name: str) -> ChunkSource:
@@ -84,6 +85,7 @@ class Layout:
     ids: torch.Tensor  # [R] token ids of the rest
     reused: torch.Tensor  # [R] bool: the token's KV came from a standalone chunk
     segment: torch.Tensor  # [R] int64: index into plan.segments
+    forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
 
 
 def lay_out(
@@ -94,12 +96,19 @@ def lay_out(
     n_prefix: int,
     stats: ChunkStats,
     report: PrefillReport,
+    head_context: bool = False,
 ) -> Layout:
     """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
-    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``."""
+    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``.
+    With ``head_context`` the chunks are the ones computed behind the head already in ``cache``."""
     rest = list(enumerate(plan.segments))[n_prefix:]
     reusable = [(i, s) for i, s in rest if s.reusable]
-    lookups = dict(zip((i for i, _ in reusable), chunks.standalone([s for _, s in reusable], stats), strict=True))
+    head, head_ids = None, ()
+    if head_context:  # the shared head only, even when leading documents were loaded as an exact prefix
+        n_head = plan.segments[_lead(plan)].start
+        head, head_ids = cache.clone(n_head), plan.token_ids[:n_head]
+    found = chunks.standalone([s for _, s in reusable], stats, head, head_ids)
+    lookups = dict(zip((i for i, _ in reusable), found, strict=True))
     start = cache.length
     t = time.perf_counter()
     cache.append(torch.arange(start, len(plan)))
@@ -128,44 +137,38 @@ def lay_out(
 
 @dataclass(frozen=True)
 class BlendConfig:
-    ratio: float = 0.15  # share of reused tokens recomputed in every layer after the check layer
-    check_layer: int = 1  # layer where fresh and cached KV are compared (layers before it run in full)
+    ratio: float = 0.15  # share of reused tokens recomputed in every layer after the last check layer
+    check_layer: int = 1  # first layer where fresh and cached KV are compared (layers before it run in full)
     select_by: str = "value"  # deviation measured on: value | key | kv
+    schedule: tuple[float, ...] = ()  # gradual filtering: shares kept at check_layer, check_layer+1, ...
+    per_chunk: bool = False  # split the budget over chunks by size instead of one global top-k
+    sink: int = 0  # always recompute the first ``sink`` tokens of every reused chunk
+    head_context: bool = False  # chunk KV computed behind the prompt head (system prompt), not from 0
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"blend ratio must be in [0, 1], got {self.ratio}")
         if self.check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
         if self.select_by not in ("value", "key", "kv"):
             raise ValueError(f"select_by must be value, key or kv, got {self.select_by!r}")
+        shares = (*self.schedule, self.ratio)
+        if any(b > a for a, b in zip(shares, shares[1:], strict=False)) or not all(0 <= x <= 1 for x in shares):
+            raise ValueError(f"schedule must be shares in [0, 1] that never grow and end >= ratio, got {shares}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
         if self.gate is not None and self.gate <= 0:
             raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
 
+    def share_at(self, step: int) -> float:
+        """Share of reused tokens kept at the ``step``-th check layer (0 = check_layer)."""
+        return self.schedule[step] if step < len(self.schedule) else self.ratio
 
-def deviation(fresh_k, fresh_v, old_k, old_v, select_by: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token deviation of fresh from cached KV. All inputs [KVH, T, D] -> (absolute [T], relative [T])."""
-    parts = {"value": [(fresh_v, old_v)], "key": [(fresh_k, old_k)], "kv": [(fresh_k, old_k), (fresh_v, old_v)]}
-    diff = sum(((f - o).float().pow(2).sum(dim=(0, 2)) for f, o in parts[select_by]), torch.zeros(()))
-    norm = sum((f.float().pow(2).sum(dim=(0, 2)) for f, _ in parts[select_by]), torch.zeros(()))
-    return diff.sqrt(), (diff / norm.clamp_min(1e-12)).sqrt()
-
-
-def select_tokens(dev: torch.Tensor, rel: torch.Tensor, segment: torch.Tensor, cfg: BlendConfig):
-    """Pick reused tokens to recompute. dev, rel, segment: [N] over reused tokens -> (bool [N], gate count)."""
-    chosen = torch.zeros_like(dev, dtype=torch.bool)
-    k = round(cfg.ratio * dev.numel())
-    if k:
-        chosen[torch.topk(dev, k).indices] = True
-    fired = 0
-    if cfg.gate is not None:
-        for s in segment.unique():
-            m = segment == s
-            if rel[m].mean() > cfg.gate:
-                chosen |= m
-                fired += 1
-    return chosen, fired
+    @property
+    def last_check(self) -> int:
+        return self.check_layer + len(self.schedule)
 
 
 class _PartialPrefill(ReuseMethod):
@@ -199,7 +202,7 @@ class _PartialPrefill(ReuseMethod):
             for seg in report.segments[n_exact:lead]:
                 seg.recomputed = seg.tokens
             n_exact = lead
-        layout = lay_out(runner, plan, cache, chunks, n_exact, stats, report)
+        layout = lay_out(runner, plan, cache, chunks, n_exact, stats, report, self.cfg.head_context)
         t = time.perf_counter()
         logits, chosen, fired = self.run_layers(runner, cache, layout)
         stats.compute_s += time.perf_counter() - t
@@ -229,7 +232,8 @@ class _PartialPrefill(ReuseMethod):
             q, k, v = runner.qkv(layer, h, cos, sin)
             slots = layout.start + active
             if self.checks_at(layer):
-                keep, chosen, fired = self.check(cache, layer, layout, active, k, v)
+                keep, chosen, fired_here = self.check(cache, layer, layout, active, k, v, chosen)
+                fired += fired_here
                 slots, q, k, v, h, active = slots[keep], q[:, keep], k[:, keep], v[:, keep], h[keep], active[keep]
             write = ~layout.reused[active] | chosen[active] | torch.tensor(layer < self.cfg.check_layer)
             cache.write_slots(layer, slots[write], k[:, write], v[:, write])
@@ -247,7 +251,7 @@ class _PartialPrefill(ReuseMethod):
     def checks_at(self, layer: int) -> bool:
         return False
 
-    def check(self, cache, layer, layout, active, k, v):
+    def check(self, cache, layer, layout, active, k, v, chosen):
         raise NotImplementedError
 
 
@@ -269,16 +273,30 @@ class BlendReuse(_PartialPrefill):
     name = "blend"
 
     def checks_at(self, layer: int) -> bool:
-        return layer == self.cfg.check_layer
+        return self.cfg.check_layer <= layer <= self.cfg.last_check
 
-    def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v):
-        # active holds every rest token here (all run in full up to the check layer)
+    def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
+        """Select which active reused tokens run on. Returns (keep mask over active, chosen [R], gate count)."""
+        cfg, step = self.cfg, layer - self.cfg.check_layer
         reused = layout.reused[active]
-        slots = layout.start + active[reused]
-        old_k, old_v = cache.k[layer][:, slots], cache.v[layer][:, slots]
-        dev, rel = deviation(k[:, reused], v[:, reused], old_k, old_v, self.cfg.select_by)
-        pick, fired = select_tokens(dev, rel, layout.segment[active[reused]], self.cfg)
+        idx = active[reused]  # rest indices of the reused tokens still active
+        slots = layout.start + idx
+        dev, rel = deviation(
+            k[:, reused], v[:, reused], cache.k[layer][:, slots], cache.v[layer][:, slots], cfg.select_by
+        )
+        seg = layout.segment[idx]
+        total = int(layout.reused.sum())
+        fired = 0
+        if step == 0:  # tokens recomputed whatever their deviation: chunk heads (sinks), gated chunks
+            layout.forced = torch.zeros_like(layout.reused)
+            forced = chunk_heads(seg, cfg.sink)
+            if cfg.gate is not None:
+                gated, fired = gate(rel, seg, cfg.gate)
+                forced |= gated
+            layout.forced[idx] = forced
+        forced = layout.forced[idx]
+        budget = round(cfg.share_at(step) * total) - int(forced.sum())
+        pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget, seg if cfg.per_chunk else None)
         chosen = torch.zeros_like(layout.reused)
-        chosen[active[reused][pick]] = True
-        keep = ~reused | chosen[active]
-        return keep, chosen, fired
+        chosen[idx[pick]] = True
+        return ~reused | chosen[active], chosen, fired

@@ -63,8 +63,9 @@ class ChunkSource:
         return cls(runner, open_store(spec, StoreConfig(fingerprint, codec)), **kw)
 
     # --- keys -----------------------------------------------------------------------------------------
-    def standalone_key(self, seg: PlannedSegment) -> str:
-        return self.store.key(seg.token_ids)
+    def standalone_key(self, seg: PlannedSegment, head: tuple[int, ...] = ()) -> str:
+        # With a head, the key is that of the in-context prefix head + segment: the very same KV.
+        return self.store.key(head + seg.token_ids)
 
     def prefix_key(self, plan: PromptPlan, seg: PlannedSegment) -> str:
         return self.store.key(plan.token_ids[: seg.end])
@@ -92,23 +93,31 @@ class ChunkSource:
         """Store the in-context KV of segments ``[first, upto)`` from an exactly computed ``cache``."""
         t = time.perf_counter()
         for seg in plan.segments[first:upto]:
-            key = self.prefix_key(plan, seg)
-            if not self.store.contains(key):
-                sl = slice(seg.start, seg.end)
-                chunk = ChunkKV(
-                    list(seg.token_ids),
-                    cache.keys[:, :, sl].clone(),
-                    cache.values[:, :, sl].clone(),
-                    torch.arange(seg.start, seg.end),
-                )
-                self.store.put(key, chunk)
+            # written even if the key is present: ``contains`` does not verify, and a damaged record must heal
+            sl = slice(seg.start, seg.end)
+            chunk = ChunkKV(
+                list(seg.token_ids),
+                cache.keys[:, :, sl].clone(),
+                cache.values[:, :, sl].clone(),
+                torch.arange(seg.start, seg.end),
+            )
+            self.store.put(self.prefix_key(plan, seg), chunk)
         stats.store_s += time.perf_counter() - t
 
     # --- standalone chunks ----------------------------------------------------------------------------
-    def standalone(self, segments: list[PlannedSegment], stats: ChunkStats) -> list[Lookup]:
+    def standalone(
+        self,
+        segments: list[PlannedSegment],
+        stats: ChunkStats,
+        head: KVCache | None = None,
+        head_ids: tuple[int, ...] = (),
+    ) -> list[Lookup]:
         """Standalone chunk KV for each segment: from the store (loaded in background threads while
-        misses are computed) or computed now and stored."""
-        keys = [self.standalone_key(s) for s in segments]
+        misses are computed) or computed now and stored.
+
+        With ``head`` (an exact cache of the prompt head ``head_ids``), chunks are computed behind that head
+        instead of from position 0, so their first tokens are not attention sinks of their own."""
+        keys = [self.standalone_key(s, head_ids) for s in segments]
         out: list[Lookup] = []
         with Prefetcher(SimpleNamespace(get=self.store.fetch), max_workers=2) as pf:
             pf.start((k, s.token_ids) for k, s in zip(keys, segments, strict=True))
@@ -122,7 +131,7 @@ class ChunkSource:
                     continue
                 stats.misses += 1
                 t = time.perf_counter()
-                chunk = self.compute(seg.token_ids)
+                chunk = self.compute(seg.token_ids, head)
                 stats.compute_s += time.perf_counter() - t
                 t = time.perf_counter()
                 self.store.put(key, chunk)
@@ -131,10 +140,16 @@ class ChunkSource:
         return out
 
     @torch.inference_mode()
-    def compute(self, token_ids) -> ChunkKV:
-        """The standalone KV of ``token_ids`` from position 0."""
+    def compute(self, token_ids, head: KVCache | None = None) -> ChunkKV:
+        """The standalone KV of ``token_ids``: from position 0, or right after the cached ``head``."""
         from kvstash.reuse import compute_tokens
 
-        cache = self.runner.new_cache(len(token_ids))
-        compute_tokens(self.runner, cache, token_ids, 0, self.prefill_chunk)
-        return ChunkKV(list(token_ids), cache.keys.clone(), cache.values.clone(), cache.positions.clone())
+        n0 = head.length if head is not None else 0
+        cache = self.runner.new_cache(n0 + len(token_ids))
+        if head is not None:
+            cache.extend(head.keys, head.values, head.positions)
+        compute_tokens(self.runner, cache, token_ids, n0, self.prefill_chunk)
+        sl = slice(n0, cache.length)
+        return ChunkKV(
+            list(token_ids), cache.keys[:, :, sl].clone(), cache.values[:, :, sl].clone(), cache.positions[sl].clone()
+        )

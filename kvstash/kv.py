@@ -106,6 +106,14 @@ class KVCache:
         self.pos[:, :, :m] = torch.gather(self.pos[:, :, :n], 2, slots)
         self.length = m
 
+    def clone(self, upto: int | None = None) -> KVCache:
+        """An independent copy of slots ``[0, upto)`` (default: all), capacity trimmed to that length."""
+        n = self.length if upto is None else min(upto, self.length)
+        c = KVCache(self.layers, self.kv_heads, self.head_dim, self.dtype, capacity=max(1, n))
+        c.k[:, :, :n], c.v[:, :, :n], c.pos[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
+        c.length, c.uniform = n, self.uniform
+        return c
+
     def truncate(self, length: int) -> None:
         """Drop every slot from ``length`` on (used to roll back to a shared prefix)."""
         assert 0 <= length <= self.length

@@ -1,0 +1,125 @@
+"""Chunking: split long texts into token-bounded chunks and precompute their KV into a chunk store.
+
+A chunk is passed to the engine as one document segment, so its KV key is the chunk's document token ids.
+Whoever asks about ingested text (the server, the benchmarks) passes the same chunks, from
+:func:`split_text` with the same ``max_tokens``, as documents. A text that fits in ``max_tokens`` is one
+chunk equal to the whole (stripped) text, so ``kvstash ask --doc FILE`` reuses a file ingested with a
+chunk size larger than the file.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from kvstash.chunks import ChunkSource
+from kvstash.prompt import PromptBuilder
+
+# Boundaries tried in order: paragraph breaks, sentence ends or line breaks, any whitespace. A chunk is
+# always a slice of the original text (stripped), so packing pieces keeps the text's own separators.
+_LEVELS = (re.compile(r"\n\s*\n"), re.compile(r"(?<=[.!?])\s+|\n"), re.compile(r"\s+"))
+
+
+def split_text(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+    """Split ``text`` into stripped chunks of at most ``max_tokens`` as measured by ``count_tokens``.
+
+    Pieces are packed greedily in order. A chunk ends at a paragraph break unless a paragraph is longer
+    than a chunk: then that paragraph is cut at sentence ends or line breaks, a sentence longer than a
+    chunk between words, and an unbroken run longer than a chunk between characters. Each chunk is a
+    slice of ``text``; the chunks are deterministic. A blank text gives no chunks.
+    Raises ValueError if ``max_tokens`` < 1 or one character does not fit.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+
+    def fits(piece: str) -> bool:
+        return count_tokens(piece.strip()) <= max_tokens
+
+    chunks: list[str] = []
+    current = ""  # raw slice being filled; fits(current) holds
+    for atom in _atoms(text.strip(), 0, fits):
+        if fits(current + atom):
+            current += atom
+            continue
+        if current.strip():
+            chunks.append(current.strip())
+        current = atom
+    if current.strip():
+        chunks.append(current.strip())
+    return chunks
+
+
+def _atoms(text: str, level: int, fits: Callable[[str], bool]) -> Iterator[str]:
+    """Consecutive slices of ``text`` that each fit alone, cut at the coarsest boundaries that allow it."""
+    if not text or fits(text):
+        yield text
+    elif level == len(_LEVELS):
+        yield from _char_atoms(text, fits)
+    else:
+        for piece in _pieces(text, _LEVELS[level]):
+            yield from _atoms(piece, level + 1, fits)
+
+
+def _pieces(text: str, boundary: re.Pattern[str]) -> list[str]:
+    """Consecutive slices of ``text`` that together are ``text``, each ending just after a boundary."""
+    cuts = [m.end() for m in boundary.finditer(text) if 0 < m.end() < len(text)]
+    edges = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def _char_atoms(text: str, fits: Callable[[str], bool]) -> Iterator[str]:
+    """Cut an unbroken run by characters: each piece is the longest prefix that fits (binary search)."""
+    while text:
+        lo, hi = 0, len(text)  # text[:lo] fits (or lo == 0); text[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(text[:mid]):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            raise ValueError(f"max_tokens is too small to hold even one character of {text[:20]!r}")
+        yield text[:lo]
+        text = text[lo:]
+
+
+def document_chunks(builder: PromptBuilder, text: str, max_tokens: int) -> list[str]:
+    """:func:`split_text` measuring each chunk as the engine tokenizes a document segment."""
+    return split_text(text, max_tokens, lambda t: len(builder.tokenize(t, "document")))
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    chunks: int  # chunks seen
+    tokens: int  # their tokens
+    stored: int  # chunks computed and stored
+    skipped: int  # chunks the store already held
+    failed: int  # chunks computed but not stored by any tier (too large for the budgets, backend down)
+    computed_tokens: int  # tokens of the chunks computed
+    seconds: float
+
+
+def ingest(
+    source: ChunkSource, chunks: Iterable[Sequence[int]], progress: Callable[[int], None] | None = None
+) -> IngestReport:
+    """Compute and store the standalone KV of every chunk (token ids of a document segment) that the store
+    lacks, under the key the reuse methods look up. Writes to every tier of ``source.store``; calls
+    ``progress(tokens)`` after each chunk."""
+    t0 = time.perf_counter()
+    seen = tokens = stored = skipped = failed = computed = 0
+    for ids in chunks:
+        seen, tokens = seen + 1, tokens + len(ids)
+        key = source.store.key(ids)
+        if source.store.contains(key):
+            skipped += 1
+        else:
+            computed += len(ids)
+            if source.store.put(key, source.compute(ids)):
+                stored += 1
+            else:
+                failed += 1
+        if progress is not None:
+            progress(len(ids))
+    return IngestReport(seen, tokens, stored, skipped, failed, computed, time.perf_counter() - t0)

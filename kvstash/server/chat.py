@@ -1,0 +1,131 @@
+"""Chat requests to the engine and back: messages + documents -> segments, request -> sampling parameters,
+a generation result -> OpenAI response bodies.
+
+How messages become a prompt: every ``system`` (or ``developer``) message joins, in order and separated by a
+blank line, into the system segment (none: the engine's default RAG instruction). The named documents'
+chunks follow as document segments, in the order given. The conversation is the one user segment: with a
+single user message it is that message; with earlier turns, they are rendered first as lines
+``User: ...`` / ``Assistant: ...``, then a blank line, then the last message, which must be the user's.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from kvstash.engine import GenerationResult
+from kvstash.prompt import Segment
+from kvstash.sampling import SamplingParams
+from kvstash.server.documents import Document
+from kvstash.server.schemas import (
+    ApiError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Message,
+    PromptTokensDetails,
+    Usage,
+)
+
+DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens
+MAX_STOP = 4  # stop strings per request, as in the OpenAI API
+
+
+def sampling_params(req: ChatRequest, context_limit: int) -> SamplingParams:
+    """The request's sampling parameters; ApiError(400) when one is out of range."""
+    if req.n not in (None, 1):
+        raise ApiError(400, f"n={req.n} is not supported; kvstash returns one choice (n=1)", param="n")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, context_limit - 1)
+    elif not 1 <= max_tokens < context_limit:
+        raise ApiError(
+            400,
+            f"{param} must be between 1 and {context_limit - 1} (the model's context), got {max_tokens}",
+            param=param,
+            code="invalid_value",
+        )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or not all(stop):
+        raise ApiError(400, f"stop takes up to {MAX_STOP} non-empty strings", param="stop", code="invalid_value")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature or 0.0,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        seed=req.seed,
+        stop=tuple(stop),
+    )
+
+
+def build_segments(messages: list[Message], documents: list[Document]) -> list[Segment]:
+    """System segment, the documents' chunks in order, then the conversation (see the module docstring)."""
+    system = [m.text() for m in messages if m.role in ("system", "developer")]
+    turns = [m for m in messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1].role != "user" or not turns[-1].text().strip():
+        raise ApiError(400, "the last non-system message must be a non-empty user message", param="messages")
+    *earlier, last = turns
+    user = last.text()
+    if earlier:
+        lines = [f"{'User' if m.role == 'user' else 'Assistant'}: {m.text()}" for m in earlier]
+        user = "\n".join(lines) + "\n\n" + user
+    segments = [Segment("\n\n".join(system), "system")] if system else []
+    segments += [Segment(chunk) for doc in documents for chunk in doc.chunks]
+    return [*segments, Segment(user, "user")]
+
+
+def usage(result: GenerationResult) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.prefill.reused_tokens),
+    )
+
+
+def completion(rid: str, created: int, model: str, result: GenerationResult) -> ChatCompletion:
+    return ChatCompletion(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[Choice(message=ChatMessage(content=result.text), finish_reason=result.finish_reason)],
+        usage=usage(result),
+        kvstash=result.summary(),
+    )
+
+
+class ChunkWriter:
+    """Server-sent events of one streamed completion (``data: {chat.completion.chunk}``, then ``[DONE]``)."""
+
+    def __init__(self, rid: str, created: int, model: str) -> None:
+        self.rid, self.created, self.model = rid, created, model
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        body = ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage)
+        return event(body)
+
+    def role(self) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+
+    def delta(self, text: str) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(content=text))])
+
+    def finish(self, reason: str) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)])
+
+    def usage(self, result: GenerationResult) -> str:
+        return self._chunk([], usage(result))
+
+
+def event(body: BaseModel | dict) -> str:
+    """One server-sent event carrying ``body`` as JSON (None fields left out)."""
+    text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
+    return f"data: {text}\n\n"
+
+
+DONE = "data: [DONE]\n\n"

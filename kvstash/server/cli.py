@@ -1,0 +1,61 @@
+"""``kvstash serve``: parses its arguments and runs the server (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from kvstash.chunks import DEFAULT_STORE
+from kvstash.models import DEFAULT_MODEL
+
+
+def register(sub) -> None:
+    """Add the ``serve`` subcommand to the ``kvstash`` subparsers ``sub``."""
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve /v1/chat/completions, /v1/models and /v1/documents (register documents once, "
+        "reuse their KV in every chat that names them), plus /health and /metrics.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--store",
+        metavar="SPEC",
+        default=DEFAULT_STORE,
+        help=f"chunk KV store, e.g. ram:4GiB,disk:DIR:50GiB,redis://127.0.0.1:6379/0 (default {DEFAULT_STORE}); "
+        "servers sharing a Redis tier share their documents",
+    )
+    p.add_argument("--codec", default="fp16", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8/4/2")
+    p.add_argument("--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="on SIGTERM, how long the running generation may take to finish (default 10)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvstash.engine import Engine, EngineConfig
+    from kvstash.server.app import ServerConfig, serve
+    from kvstash.store import parse_spec
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        reuse=args.reuse,
+        max_queue=args.max_queue,
+        chunk_tokens=args.chunk_tokens,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
+    logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request
+    engine = Engine(EngineConfig(model=args.model, threads=args.threads, store=args.store, codec=args.codec))
+    return serve(engine, config)

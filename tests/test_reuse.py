@@ -1,0 +1,152 @@
+"""Reuse methods: exact where they claim to be (prefix, blend r=1), naive where blend r=0, honest accounting."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from kvstash.blend import BlendConfig, BlendReuse, NaiveReuse, PrefixReuse
+from kvstash.chunks import ChunkSource
+from kvstash.prompt import Segment
+from kvstash.reuse import FullPrefill, make_method
+from kvstash.rope import Rope
+from kvstash.selection import chunk_heads, deviation, gate, top_share
+
+DOCS = [
+    "Marie Curie discovered polonium and radium together with Pierre Curie in Paris.",
+    "The Danube flows through Vienna, Bratislava, Budapest and Belgrade into the Black Sea.",
+    "The secret code of the blue project is 4417. Nobody else knows it.",
+]
+QUESTION = Segment("What is the secret code of the blue project?", "user")
+
+
+@pytest.fixture()
+def source(engine):
+    """A fresh fp32 store per test, so exactness is not blurred by fp16 storage."""
+    return ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:512MiB", "fp32")
+
+
+def _plan(engine, order=(0, 1, 2)):
+    return engine.plan([Segment(DOCS[i]) for i in order] + [QUESTION])
+
+
+def _max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_blend_ratio_one_equals_full_prefill(engine, source):
+    plan = _plan(engine, (2, 0, 1))
+    full = FullPrefill().prefill(engine.runner, plan)
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)  # chunks cached at other positions
+    pre = BlendReuse(BlendConfig(ratio=1.0)).prefill(engine.runner, plan, source)
+    assert pre.report.reused_tokens > 0  # the chunks did come from the store
+    assert _max_diff(pre.last_logits, full.last_logits) < 1e-3
+    assert _max_diff(pre.cache.keys, full.cache.keys) < 1e-3
+
+
+def test_blend_ratio_zero_equals_naive(engine, source):
+    plan = _plan(engine, (1, 2, 0))
+    naive = NaiveReuse().prefill(engine.runner, plan, source)
+    blend0 = BlendReuse(BlendConfig(ratio=0.0)).prefill(engine.runner, plan, source)
+    full = FullPrefill().prefill(engine.runner, plan)
+    assert _max_diff(blend0.last_logits, naive.last_logits) < 1e-3
+    assert _max_diff(naive.last_logits, full.last_logits) > 0.1  # naive is an approximation
+
+
+def test_all_chunks_an_exact_cached_prefix_gives_prefix_result(engine, source):
+    plan = _plan(engine)
+    first = PrefixReuse().prefill(engine.runner, plan, source)  # computes and caches every leading segment
+    assert first.report.reused_tokens == 0
+    again = PrefixReuse().prefill(engine.runner, plan, source)
+    blend = BlendReuse(BlendConfig(ratio=0.15)).prefill(engine.runner, plan, source)
+    user_and_glue = sum(len(s.token_ids) for s in plan.segments if s.kind == "user") + len(plan.segments[-1].token_ids)
+    assert again.report.recomputed_tokens == user_and_glue
+    assert blend.report.recomputed_tokens == user_and_glue
+    assert _max_diff(again.last_logits, first.last_logits) < 1e-4
+    assert _max_diff(blend.last_logits, again.last_logits) < 1e-4
+
+
+def test_blend_recomputes_the_requested_share_and_reports_it(engine, source):
+    plan = _plan(engine, (2, 1, 0))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    pre = BlendReuse(BlendConfig(ratio=0.3)).prefill(engine.runner, plan, source)
+    docs = [s for s in pre.report.segments if s.kind == "document"]
+    reused = sum(s.reused for s in docs)
+    assert reused == sum(s.tokens for s in docs) and all(s.tier == "ram" for s in docs)
+    assert sum(s.recomputed for s in docs) == round(0.3 * reused)
+    new = sum(s.tokens for s in pre.report.segments if s.kind in ("user",)) + len(plan.segments[-1].token_ids)
+    assert pre.report.recomputed_tokens == round(0.3 * reused) + new
+    assert pre.report.tier_hits["ram"] >= 3
+
+
+def test_blend_moves_toward_full_and_answers(engine, source):
+    plan = _plan(engine, (2, 0, 1))
+    full = FullPrefill().prefill(engine.runner, plan)
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    err = {
+        r: _max_diff(
+            BlendReuse(BlendConfig(ratio=r)).prefill(engine.runner, plan, source).last_logits, full.last_logits
+        )
+        for r in (0.0, 0.5, 1.0)
+    }
+    assert err[1.0] < err[0.5] < err[0.0]
+
+
+def test_quality_gate_recomputes_whole_chunks(engine, source):
+    plan = _plan(engine, (1, 0, 2))
+    full = FullPrefill().prefill(engine.runner, plan)
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    fired = BlendReuse(BlendConfig(ratio=0.0, gate=1e-9)).prefill(engine.runner, plan, source)
+    assert fired.report.gate_fired == 3  # every document chunk exceeded the tiny threshold
+    assert _max_diff(fired.last_logits, full.last_logits) < 1e-3
+    quiet = BlendReuse(BlendConfig(ratio=0.0, gate=1e9)).prefill(engine.runner, plan, source)
+    assert quiet.report.gate_fired == 0
+
+
+def test_head_context_chunks_are_the_in_context_kv_of_a_first_document(engine, source):
+    plan = _plan(engine)
+    full = FullPrefill().prefill(engine.runner, plan)
+    pre = BlendReuse(BlendConfig(ratio=0.0, head_context=True)).prefill(engine.runner, plan, source)
+    first_doc = next(s for s in plan.segments if s.kind == "document")
+    sl = slice(first_doc.start, first_doc.end)
+    assert _max_diff(pre.cache.keys[:, :, sl], full.cache.keys[:, :, sl]) < 1e-3
+
+
+def test_make_method_parses_specs_and_rejects_bad_ones():
+    assert make_method("blend:0.3").cfg.ratio == 0.3
+    assert make_method("blend", ratio=0.2, check_layer=2).cfg.check_layer == 2
+    assert make_method("prefix").name == "prefix" and make_method("naive").name == "naive"
+    for bad, match in [
+        ("blend:abc", "number"),
+        ("magic", "unknown reuse"),
+        ("prefix:0.2", "only blend"),
+        ("blend:1.5", r"\[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make_method(bad)
+    with pytest.raises(ValueError, match="schedule"):
+        BlendConfig(ratio=0.3, schedule=(0.1,))
+
+
+def test_unsupported_rope_is_refused():
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(rotary_emb=types.SimpleNamespace(rope_type="dynamic")))
+    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
+        Rope.from_model(fake)
+
+
+def test_selection_functions_on_constructed_cases():
+    fresh = torch.zeros(1, 4, 2)
+    old = torch.zeros(1, 4, 2)
+    old[0, 2] = torch.tensor([3.0, 4.0])  # token 2 deviates by 5
+    fresh[0, :] = 1.0
+    dev, rel = deviation(fresh, fresh, old, old, "value")
+    assert dev.argmax().item() == 2
+    assert top_share(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [False, True, False, True]
+    seg = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    score = torch.tensor([1.0, 2, 3, 4, 40, 30, 20, 10])
+    assert top_share(score, 2, seg).tolist() == [False, False, False, True, True, False, False, False]
+    assert chunk_heads(torch.tensor([5, 5, 5, 7, 7, 9]), 2).tolist() == [True, True, False, True, True, True]
+    chosen, fired = gate(torch.tensor([0.1, 0.1, 0.9, 0.8]), torch.tensor([0, 0, 1, 1]), 0.5)
+    assert fired == 1 and chosen.tolist() == [False, False, True, True]
