@@ -72,7 +72,9 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         check_layer=getattr(args, "check_layer", None),
         gate=getattr(args, "gate", None),
     )
-    gen = engine.stream(segs, params, reuse=method)
+    gen = engine.stream(
+        segs, params, reuse=method, kv_bits=getattr(args, "kv_bits", None), evict=getattr(args, "evict", None)
+    )
     for delta in gen:
         if args.stream and not args.json:
             print(delta, end="", flush=True)
@@ -154,6 +156,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="blend: recompute a whole chunk when its relative KV deviation "
         "at the check layer exceeds this (off by default)",
     )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(2, 4, 8, 16),
+        help="quantize the decode cache after prefill (KIVI; 16 = fp16). Default: compute dtype, no quantization",
+    )
+    p.add_argument(
+        "--evict",
+        metavar="POLICY:BUDGET",
+        help="evict prompt tokens after prefill: snapkv | streaming | h2o, budget a ratio (snapkv:0.25) or a "
+        "token count (h2o:512); add :decode to hold the budget while decoding (streaming, h2o)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="Which two elements did Marie Curie discover?")
     _add_generation_args(p)
     p.set_defaults(func=cmd_demo)
+    from kvstash.cli_store import register
+
+    register(sub)
+    from kvstash.bench.cli import register as register_bench
+
+    register_bench(sub)
+    from kvstash.server.cli import register as register_serve
+
+    register_serve(sub)
     return parser
 
 

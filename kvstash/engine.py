@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstash.chunks import DEFAULT_STORE, ChunkSource
+from kvstash.compress import Compression
 from kvstash.detok import TextStream
 from kvstash.forward import Runner
 from kvstash.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -47,6 +48,7 @@ class GenerationResult:
     decode_s: float
     decode_tok_s: float  # tokens per second after the first one
     prefill: PrefillReport = field(repr=False)
+    kv_bytes: int = 0  # K/V bytes of the prompt's decode cache after eviction / quantization (--evict, --kv-bits)
 
     def summary(self) -> dict:
         """The flat JSON view used by the CLI and the benchmarks."""
@@ -67,6 +69,7 @@ class GenerationResult:
             "recompute_s": round(r.compute_s, 4),
             "store_s": round(r.store_s, 4),
             "tier_hits": dict(r.tier_hits),
+            "kv_bytes": self.kv_bytes,
         }
 
 
@@ -140,10 +143,17 @@ class Engine:
                 f"(prompt + at least 1 generated token); shorten the documents or pass fewer"
             )
 
-    def prefill(self, plan: PromptPlan, reuse: str | ReuseMethod | None = None) -> Prefilled:
+    def prefill(
+        self, plan: PromptPlan, reuse: str | ReuseMethod | None = None, *, kv_bits=None, evict=None
+    ) -> Prefilled:
+        """The prompt's cache and first-token logits; ``evict`` / ``kv_bits`` compress the cache afterwards
+        (eviction while decoding, ``:decode``, applies only in :meth:`stream`)."""
         self.check_length(plan)
+        comp = Compression.parse(kv_bits, evict)
         method = self.method(reuse)
-        return method.prefill(self.runner, plan, self._source(method))
+        pre = method.prefill(self.runner, plan, self._source(method))
+        comp.apply(self.runner, pre, plan.token_ids)
+        return pre
 
     @torch.inference_mode()
     def teacher_forced_logits(self, pre: Prefilled, answer_ids: list[int]) -> torch.Tensor:
@@ -156,19 +166,27 @@ class Engine:
         rest = self.runner.forward(ids, torch.arange(pos, pos + len(ids)), pre.cache, all_logits=True)
         return torch.cat([pre.last_logits[None], rest]) if len(ids) else pre.last_logits[None]
 
-    def stream(self, segments: list[Segment], params: SamplingParams | None = None, reuse=None) -> Generation:
-        """Start generating; iterate the returned Generation for text deltas. Errors in input raise here."""
+    def stream(
+        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, *, kv_bits=None, evict=None
+    ) -> Generation:
+        """Start generating; iterate the returned Generation for text deltas. Errors in input raise here.
+
+        ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress the prompt's
+        cache after prefill: evict first, then quantize."""
         params = params or SamplingParams()
         t0 = time.perf_counter()
         plan = self.plan(segments)
         self.check_length(plan)
         method = self.method(reuse)
+        comp = Compression.parse(kv_bits, evict)
         gen = Generation(iter(()))
-        gen._it = self._decode(gen, plan, method, params, t0)
+        gen._it = self._decode(gen, plan, method, params, t0, comp)
         return gen
 
-    def generate(self, segments: list[Segment], params: SamplingParams | None = None, reuse=None) -> GenerationResult:
-        gen = self.stream(segments, params, reuse)
+    def generate(
+        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, *, kv_bits=None, evict=None
+    ) -> GenerationResult:
+        gen = self.stream(segments, params, reuse, kv_bits=kv_bits, evict=evict)
         for _ in gen:
             pass
         assert gen.result is not None
@@ -181,9 +199,18 @@ class Engine:
         return self.generate([*segs, Segment(question, "user")], SamplingParams(**kw), reuse)
 
     @torch.inference_mode()
-    def _decode(self, gen: Generation, plan: PromptPlan, method: ReuseMethod, params: SamplingParams, t0: float):
+    def _decode(
+        self,
+        gen: Generation,
+        plan: PromptPlan,
+        method: ReuseMethod,
+        params: SamplingParams,
+        t0: float,
+        comp: Compression,
+    ):
         pre = method.prefill(self.runner, plan, self._source(method))
-        cache, logits = pre.cache, pre.last_logits
+        evictor = comp.apply(self.runner, pre, plan.token_ids)
+        cache, logits, kv_bytes = pre.cache, pre.last_logits, pre.cache.nbytes
         rng = params.generator()
         text = TextStream(self.tokenizer, params.stop)
         limit = self.lm.context_limit
@@ -204,7 +231,10 @@ class Engine:
                 break
             if len(text.ids) >= params.max_tokens or pos + 1 >= limit:
                 break
-            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache)
+            observer = evictor.observe if evictor else None
+            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, observer=observer)
+            if evictor:
+                evictor.step(cache)
             pos += 1
             token = sample(logits, params, rng)
         tail = text.flush()
@@ -224,4 +254,5 @@ class Engine:
             decode_s=decode_s,
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             prefill=pre.report,
+            kv_bytes=kv_bytes,
         )

@@ -6,11 +6,17 @@ recompute chosen tokens against a merged cache; ``forward`` chains them for ordi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from kvstash.kv import KVCache
 from kvstash.rope import Rope, apply_rope
+
+# Called once per layer by ``Runner.forward`` with (layer, q [H, T, D], k_all [KVH, n, D], mask or None):
+# how an eviction policy sees the attention of decoding steps (kvstash.evict).
+Observer = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -77,10 +83,18 @@ class Runner:
         return None if bool(mask.all()) else mask
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False):
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+        observer: Observer | None = None,
+    ):
         """Append tokens ``ids`` [T] at ``positions`` [T] to ``cache`` and return logits.
 
-        Changes ``cache``: its length grows by T and every layer's new slots are written.
+        Changes ``cache``: its length grows by T and every layer's new slots are written. ``observer``, if
+        given, sees each layer's queries, keys and mask (None: every key visible).
         Returns [T, vocab] if ``all_logits`` else [vocab] for the last token.
         """
         cos, sin = self.rope.cos_sin(positions)
@@ -92,5 +106,7 @@ class Runner:
             cache.write(i, start, k, v)
             k_all, v_all, _ = cache.layer(i)
             m = mask if cache.uniform else self.layer_mask(cache, i, positions)
+            if observer is not None:
+                observer(i, q, k_all, m)
             h = self.finish(i, h, self.attend(q, k_all, v_all, m))
         return self.logits(h) if all_logits else self.logits(h[-1:])[0]

@@ -1,0 +1,217 @@
+"""KV compression: bytes per token, answer quality and decode speed of quantized and evicted decode caches.
+
+    .venv/bin/python benchmarks/compression.py --n 20 --passages 6 --threads 1 --out /tmp/compression.json
+
+For needle and musique prompts (~3-4K tokens), each example is prefilled once in full precision; every
+setting compresses its own copy of that cache (evict, then quantize, as ``kvstash.compress.Compression``;
+one eviction scoring per policy and example is shared by its budgets),
+then decodes greedily and teacher-forces the full-precision answer. Per setting:
+
+- bytes: the K/V bytes the compressed cache holds over an fp16 cache of the whole prompt (1.0 = fp16;
+  the uncompressed engine cache is fp32 = 2.0). Eviction rows keep the kept tokens in fp16 (``kv_bits=16``).
+- accuracy: the answer contains a gold answer; agreement: equal to the full-precision answer (normalized);
+- KL: mean KL(full || compressed) of the next-token distributions along the full answer (teacher forcing,
+  from the second answer token on: the first comes from the prefill's logits, the same for every setting);
+- decode tok/s: median over examples, greedy, measured in the same process as the full-precision baseline.
+
+Store codecs (``--codec``) are reported by their exact encoded size at the examples' chunk shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstash.bench.datasets import load_dataset
+from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
+from kvstash.engine import Engine, EngineConfig
+from kvstash.evict import parse_evict
+from kvstash.kv_quant import quantize_cache
+from kvstash.prompt import Segment
+from kvstash.reuse import Prefilled
+from kvstash.store.codec import get_codec
+
+BITS = (16, 8, 4, 2)
+POLICIES = ("snapkv", "streaming", "h2o")
+BUDGETS = (0.5, 0.25, 0.1)
+CODECS = ("fp16", "kivi8", "kivi4", "kivi2")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kv_bits: int | None = None
+    evict: str | None = None  # policy:budget
+
+
+SETTINGS = [
+    Setting("full fp32"),
+    *(Setting(f"kv{b}", kv_bits=b) for b in BITS),
+    *(Setting(f"{p}:{b}", kv_bits=16, evict=f"{p}:{b}") for p in POLICIES for b in BUDGETS),
+]
+
+
+@dataclass
+class Row:
+    bytes_ratio: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    agree: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    tok_s: list[float] = field(default_factory=list)
+    compress_s: list[float] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def greedy(engine: Engine, pre: Prefilled, start: int, max_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding from a prefilled cache, as the engine's decode loop; returns (ids, decode tok/s)."""
+    token, ids, pos = int(pre.last_logits.argmax()), [], start
+    t = time.perf_counter()
+    while token not in engine.eos_ids:
+        ids.append(token)
+        if len(ids) >= max_tokens:
+            break
+        token = int(engine.runner.forward(torch.tensor([token]), torch.tensor([pos]), pre.cache).argmax())
+        pos += 1
+    dt = time.perf_counter() - t
+    return ids, (len(ids) - 1) / dt if len(ids) > 1 and dt > 0 else 0.0
+
+
+def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) -> tuple[Prefilled, float]:
+    """A copy of ``base`` compressed as ``s``, and the seconds that took. Eviction scores are computed once
+    per policy and example (``scores``: name -> (scores, seconds)) and their time is counted in every row."""
+    t = time.perf_counter()
+    cache, score_s = base.cache.clone(), 0.0
+    if s.evict:
+        policy = parse_evict(s.evict)
+        if policy.name not in scores:
+            t1 = time.perf_counter()
+            scores[policy.name] = policy.score(engine.runner, cache, plan.token_ids), time.perf_counter() - t1
+            t += scores[policy.name][1]  # added back once below, as for every budget
+        policy.apply(engine.runner, cache, plan.token_ids, scores=scores[policy.name][0])
+        score_s = scores[policy.name][1]
+    if s.kv_bits:
+        cache = quantize_cache(cache, s.kv_bits)
+    return Prefilled(cache, base.last_logits, base.report), time.perf_counter() - t + score_s
+
+
+def _plan(engine: Engine, ex):
+    return engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
+
+
+def run_example(engine: Engine, ex, rows: dict[str, Row], max_tokens: int) -> dict:
+    plan = _plan(engine, ex)
+    n = len(plan)
+    t = time.perf_counter()
+    base = engine.prefill(plan)
+    prefill_s = time.perf_counter() - t
+    fp16_bytes = base.cache.nbytes * 2 // base.cache.k.element_size()
+    scores: dict = {}
+    full_ids: list[int] = []
+    full_text, ref = "", None
+    out = {"id": ex.id, "prompt_tokens": n, "prefill_s": round(prefill_s, 2), "settings": {}}
+    for s in SETTINGS:  # the first is full precision: the reference of the others
+        pre, compress_s = compressed(engine, base, plan, s, scores)
+        kv_bytes = pre.cache.nbytes
+        ids, tok_s = greedy(engine, pre, n, max_tokens)
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        if ref is None:
+            full_ids, full_text = ids, text
+            ref = engine.teacher_forced_logits(Prefilled(base.cache.clone(), base.last_logits, base.report), ids)
+        row = rows.setdefault(s.name, Row())
+        row.bytes_ratio.append(kv_bytes / fp16_bytes)
+        row.correct.append(contains_gold(text, ex.answers))
+        row.agree.append(answers_agree(text, full_text))
+        row.tok_s.append(tok_s)
+        row.compress_s.append(compress_s)
+        if s is not SETTINGS[0] and len(full_ids) > 1:  # the full row would be compared with itself
+            tf = engine.teacher_forced_logits(compressed(engine, base, plan, s, scores)[0], full_ids)
+            row.kl.append(float(kl_divergence(ref[1:], tf[1:]).mean()))
+        out["settings"][s.name] = {"answer": text, "kv_bytes": kv_bytes, "tok_s": round(tok_s, 2)}
+    return out
+
+
+def codec_ratios(engine: Engine, examples) -> dict[str, float]:
+    """Encoded bytes of every document chunk over their fp16 bytes, per store codec (exact sizes)."""
+    r = engine.runner
+    lengths = [len(s.token_ids) for ex in examples for s in _plan(engine, ex).segments
+               if s.kind == "document"]  # fmt: skip
+    shapes = [(r.num_layers, r.kv_heads, t, r.head_dim) for t in lengths]
+    fp16 = sum(2 * 2 * t * r.num_layers * r.kv_heads * r.head_dim for t in lengths)
+    return {c: sum(get_codec(c).encoded_nbytes(s) for s in shapes) / fp16 for c in CODECS}
+
+
+def summarize(rows: dict[str, Row]) -> list[dict]:
+    def pct(xs):
+        return round(100 * sum(xs) / len(xs), 1)
+
+    return [
+        {
+            "setting": name,
+            "bytes_vs_fp16": round(statistics.mean(r.bytes_ratio), 3),
+            "accuracy_pct": pct(r.correct),
+            "agreement_pct": pct(r.agree),
+            "kl_mean": round(statistics.mean(r.kl), 4) if r.kl else None,
+            "decode_tok_s": round(statistics.median(r.tok_s), 1),
+            "compress_s": round(statistics.median(r.compress_s), 2),
+        }
+        for name, r in rows.items()
+    ]
+
+
+def print_table(dataset: str, table: list[dict], full_tok_s: float) -> None:
+    print(f"\n{dataset}")
+    print("| setting | bytes vs fp16 | accuracy % | agreement % | answer KL | decode tok/s (x full) | compress s |")
+    print("|---|---|---|---|---|---|---|")
+    for t in table:
+        speed = f"{t['decode_tok_s']} ({t['decode_tok_s'] / full_tok_s:.2f}x)" if full_tok_s else "-"
+        kl = "-" if t["kl_mean"] is None else f"{t['kl_mean']:.4f}"
+        print(f"| {t['setting']} | {t['bytes_vs_fp16']:.3f} | {t['accuracy_pct']} | {t['agreement_pct']} | {kl} | "
+              f"{speed} | {t['compress_s']} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", default="needle,musique")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--passages", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="compression.json")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    engine = Engine(EngineConfig(threads=args.threads))
+    result = {"args": vars(args), "datasets": {}}
+    for name in args.datasets.split(","):
+        examples = load_dataset(name, n=args.n, passages=args.passages)
+        rows: dict[str, Row] = {}
+        per_example = []
+        for i, ex in enumerate(examples):
+            t = time.perf_counter()
+            per_example.append(run_example(engine, ex, rows, args.max_tokens))
+            e = per_example[-1]
+            print(f"{name} {i + 1}/{len(examples)}: {e['prompt_tokens']} tokens, prefill {e['prefill_s']} s, "
+                  f"all settings {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+            result["datasets"][name] = {"done": i + 1, "table": summarize(rows), "examples": per_example}
+            with open(args.out, "w") as f:  # after every example, so a long run can be read while it goes
+                json.dump(result, f, indent=1)
+        table = summarize(rows)
+        codecs = codec_ratios(engine, examples)
+        prompt_tokens = statistics.mean(e["prompt_tokens"] for e in per_example)
+        result["datasets"][name].update(codecs=codecs, mean_prompt_tokens=prompt_tokens)
+        print_table(
+            f"{name} (n={len(examples)}, mean prompt {prompt_tokens:.0f} tokens)", table, table[0]["decode_tok_s"]
+        )
+        print("store codecs, bytes vs fp16: " + ", ".join(f"{c} {r:.3f}" for c, r in codecs.items()))
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

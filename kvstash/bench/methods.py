@@ -1,0 +1,102 @@
+"""What ``kvstash bench --methods`` accepts: one comma-separated spec per method, parsed into `MethodSpec`.
+
+Grammar (each spec): ``NAME[:RATIO][+CODEC][@kvBITS][@POLICY:BUDGET]``
+
+- ``NAME``: a reuse method (``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``) or a transformers
+  baseline (``hf``: plain ``generate`` on the same prompt ids; ``hf-prefix``: ``generate`` continuing a cached
+  copy of the shared prompt head).
+- ``+CODEC``: how chunk KV is encoded in the store (``fp16``, ``kivi4``, ...), e.g. ``blend:0.15+kivi4``.
+- ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``).
+- ``@POLICY:BUDGET``: evict prompt KV with a policy, e.g. ``full@snapkv:0.25`` (passed as ``evict=``).
+
+The compression fields are handed to the engine only when set, so plain specs work on any engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvstash.reuse import make_method
+from kvstash.store.codec import get_codec
+
+BASELINES = ("hf", "hf-prefix")  # measured with transformers, not the kvstash engine
+DEFAULT_METHODS = "full,prefix,naive,blend:0.15,blend:0.3,hf,hf-prefix"
+QUICK_METHODS = "full,naive,blend:0.15,hf"
+_KV_BITS = re.compile(r"kv(\d+)")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of a benchmark run, validated once."""
+
+    name: str  # as shown in tables: the spec the user typed
+    reuse: str  # reuse method spec for the engine (``blend:0.15``) or a baseline name (``hf``)
+    codec: str | None = None  # chunk store codec for this method's store (None: the engine's default)
+    kv_bits: int | None = None  # working-cache quantization bits (None: off)
+    evict: str | None = None  # eviction policy spec, e.g. ``snapkv:0.25`` (None: off)
+
+    def __post_init__(self) -> None:
+        if self.is_baseline:
+            if self.codec or self.kv_bits or self.evict:
+                raise ValueError(f"{self.name}: the transformers baselines take no +codec or @ options")
+            return
+        make_method(self.reuse)  # raises ValueError naming the known methods
+        if self.codec is not None:
+            get_codec(self.codec)  # raises ValueError naming the known codecs
+        if self.kv_bits is not None and not 1 <= self.kv_bits <= 16:
+            raise ValueError(f"{self.name}: @kvBITS takes 1..16 bits, got {self.kv_bits}")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.reuse in BASELINES
+
+    @property
+    def base(self) -> str:
+        """The reuse method's name without its ratio: full | prefix | naive | blend | hf | hf-prefix."""
+        return self.reuse.partition(":")[0]
+
+    @property
+    def engine_kwargs(self) -> dict:
+        """Compression keyword arguments for ``Engine.generate``/``prefill``: only the ones that are set."""
+        kw = {"kv_bits": self.kv_bits, "evict": self.evict}
+        return {k: v for k, v in kw.items() if v is not None}
+
+    @property
+    def is_reference(self) -> bool:
+        """Plain full prefill: the reference every other method is compared with."""
+        return self.reuse == "full" and not (self.codec or self.kv_bits or self.evict)
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """One spec (see the module docstring) -> MethodSpec. ValueError says what is wrong and what is allowed."""
+    text = spec.strip()
+    if not text:
+        raise ValueError("empty method spec; e.g. --methods full,naive,blend:0.15")
+    head, *mods = text.split("@")
+    reuse, _, codec = head.partition("+")
+    kv_bits = evict = None
+    for mod in mods:
+        if m := _KV_BITS.fullmatch(mod):
+            kv_bits = int(m.group(1))
+        elif ":" in mod:  # the engine validates the policy (snapkv:0.25, h2o:512, streaming:0.25:decode)
+            evict = mod
+        else:
+            raise ValueError(f"{text}: unknown modifier @{mod}; use @kvBITS (e.g. @kv4) or @POLICY:BUDGET")
+    if codec == "" and "+" in head:
+        raise ValueError(f"{text}: '+' must be followed by a codec, e.g. blend+kivi4")
+    return MethodSpec(text, reuse, codec or None, kv_bits, evict)
+
+
+def parse_methods(specs: str) -> tuple[MethodSpec, ...]:
+    """A comma-separated list of specs, with plain ``full`` put first (added if missing): it is the
+    reference for speedup, agreement and KL. Duplicate names are a ValueError."""
+    methods = [parse_method(s) for s in specs.split(",") if s.strip()]
+    if not methods:
+        raise ValueError("no methods given; e.g. --methods full,naive,blend:0.15")
+    names = [m.name for m in methods]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"method(s) listed twice: {', '.join(dupes)}")
+    ref = [m for m in methods if m.is_reference] or [MethodSpec("full", "full")]
+    return (ref[0], *[m for m in methods if not m.is_reference])

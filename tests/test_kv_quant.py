@@ -1,0 +1,220 @@
+"""The quantized decode cache (--kv-bits), compression wiring in the engine, and blending over a kivi4 store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvstash.bench.metrics import kl_divergence
+from kvstash.compress import Compression
+from kvstash.engine import Engine, EngineConfig
+from kvstash.kv import KVCache
+from kvstash.kv_quant import QuantizedKVCache, quantize_cache
+from kvstash.prompt import Segment
+from kvstash.quant import quantized_tensor_nbytes
+from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
+from kvstash.sampling import SamplingParams
+
+L, KVH, D = 2, 3, 64
+
+
+def _cache(n: int, seed: int = 0) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(L, KVH, D, torch.float32, capacity=n)
+    cache.extend(torch.randn(L, KVH, n, D, generator=g), torch.randn(L, KVH, n, D, generator=g), torch.arange(n))
+    return cache
+
+
+def _quantized_span(n: int, cfg: KVQuantConfig) -> tuple[int, int]:
+    """(first, count) of the quantized tokens of a cache of n tokens: after the sinks, whole groups, >= R left."""
+    s = min(cfg.sinks, n)
+    nq = max(0, (n - s - cfg.residual) // cfg.group_size) * cfg.group_size if cfg.bits != 16 else 0
+    return s, nq
+
+
+def _packed_nbytes(n: int, cfg: KVQuantConfig) -> int:
+    """Packed codes + fp16 scale/zero of the quantized groups, fp16 sinks and residual, for n tokens."""
+    g = cfg.group_size
+    _, nq = _quantized_span(n, cfg)
+    per_layer = 2 * KVH * (n - nq) * D * 2
+    if nq:
+        shape = (nq // g, KVH, g, D)
+        per_layer += quantized_tensor_nbytes(shape, cfg.bits, g, 2) + quantized_tensor_nbytes(shape, cfg.bits, g, 3)
+    return L * per_layer
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_from_cache_holds_packed_bytes_and_reads_them_back(bits: int) -> None:
+    n = 300
+    dense = _cache(n)
+    q = quantize_cache(dense, bits)
+    cfg = q.config
+    assert cfg == KVQuantConfig.for_bits(bits)
+    assert q.nbytes == _packed_nbytes(n, cfg)
+    assert q.working_nbytes == dense.nbytes  # the dense copy attention reads, reported apart
+    s, nq = _quantized_span(n, cfg)
+    assert s == 1  # the first token, an attention sink, stays exact
+    for i, store in enumerate(q.stores):
+        assert (store.num_sinks, store.num_quantized) == (s, nq)
+        k, v = store.materialize()
+        assert torch.equal(q.keys[i], k) and torch.equal(q.values[i], v)
+        # sinks and residual are the fp16 of the original; quantized tokens within one step of their group
+        for part in (slice(0, s), slice(s + nq, n)):
+            assert torch.equal(q.keys[i, :, part], dense.keys[i, :, part].half().float())
+            assert torch.equal(q.values[i, :, part], dense.values[i, :, part].half().float())
+        quantized = slice(s, s + nq)
+        err = (q.keys[i, :, quantized] - dense.keys[i, :, quantized]).abs().max().item() if nq else 0.0
+        assert err <= {2: 1.5, 4: 0.4, 8: 0.03, 16: 0.0}[bits]
+    assert torch.equal(q.positions, dense.positions)
+
+
+@pytest.mark.parametrize(("bits", "most"), [(2, 0.2), (4, 0.3), (8, 0.6), (16, 1.0)])
+def test_bytes_per_token_of_a_long_prompt(bits: int, most: float) -> None:
+    n = 3500  # the needle prompts' length; the fp16 residual of 32..63 (4 bits: 32..95) tokens is included
+    ratio = quantize_cache(_cache(n), bits).nbytes / (2 * L * KVH * n * D * 2)
+    assert ratio <= most, ratio
+
+
+def test_layer_cache_keeps_sinks_exact_whatever_the_split() -> None:
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(KVH, 100, 16, generator=g), torch.randn(KVH, 100, 16, generator=g)
+    cfg = KVQuantConfig(bits=2, group_size=32, residual=32, sinks=3)
+    bulk, one = QuantizedLayerCache(cfg), QuantizedLayerCache(cfg)
+    bulk.append(k, v)
+    for t in range(100):
+        one.append(k[:, t : t + 1], v[:, t : t + 1])
+    for c in (bulk, one):  # 3 sinks, then (97 - 32) // 32 = 2 groups, 33 in the residual
+        assert (c.num_sinks, c.num_quantized, c.num_residual, c.num_tokens) == (3, 64, 33, 100)
+        mk, mv = c.materialize()
+        assert torch.equal(mk[:, :3], k[:, :3]) and torch.equal(mv[:, 67:], v[:, 67:])
+    assert all(torch.equal(a, b) for a, b in zip(bulk.materialize(), one.materialize(), strict=True))
+    assert bulk.nbytes == one.nbytes
+
+
+def test_decode_appends_and_quantizes_whole_groups() -> None:
+    dense = _cache(100, seed=1)
+    q = QuantizedKVCache.from_cache(dense, KVQuantConfig(bits=4, group_size=32, residual=32, sinks=1))
+    assert [s.num_quantized for s in q.stores] == [64, 64]  # 1 sink, 2 groups, 35 in the residual
+    more = _cache(40, seed=2)
+    for t in range(40):  # one token at a time, as decoding does; crosses a group boundary at token 129
+        start = q.append(torch.tensor([100 + t]))
+        for i in range(L):
+            q.write(i, start, more.keys[i, :, t : t + 1], more.values[i, :, t : t + 1])
+    q.check_integrity()
+    assert q.length == 140 and [s.num_quantized for s in q.stores] == [96, 96]
+    for i, store in enumerate(q.stores):  # the working copy was patched, never rebuilt: still exact
+        k, v = store.materialize()
+        assert torch.equal(q.keys[i], k) and torch.equal(q.values[i], v)
+    assert q.nbytes == _packed_nbytes(140, q.config)
+
+
+def test_quantized_cache_refuses_eviction_and_rewrites() -> None:
+    q = quantize_cache(_cache(40), 4)
+    with pytest.raises(ValueError, match="evict first"):
+        q.keep(torch.arange(10))
+    with pytest.raises(ValueError, match="rolled back"):
+        q.truncate(10)
+    with pytest.raises(ValueError, match="append-only"):
+        q.write(0, 3, torch.zeros(KVH, 1, D), torch.zeros(KVH, 1, D))
+
+
+def test_compression_parse_errors() -> None:
+    with pytest.raises(ValueError, match="kv-bits must be one of 2, 4, 8, 16"):
+        Compression.parse(kv_bits=3)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Compression.parse(kv_bits=4, evict="h2o:0.5:decode")
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        Compression.parse(evict="random:0.5")
+    assert Compression.parse(8, "snapkv:0.5").kv_bits == 8
+
+
+# --- on the model -------------------------------------------------------------------------------------------
+
+
+def _demo_text(engine: Engine, tokens: int) -> torch.Tensor:
+    from pathlib import Path
+
+    import kvstash
+
+    docs = sorted((Path(kvstash.__file__).parent / "demo_docs").glob("*.txt"))
+    return torch.tensor(engine.tokenizer(" ".join(p.read_text() for p in docs))["input_ids"][:tokens])
+
+
+def test_quantized_decode_logits_close_to_full_precision(engine) -> None:
+    """Decoding 12 tokens over a 120-token prompt's cache. Tolerances (fp32 model, logits of size ~10-20):
+    16 bits max |dlogit| < 0.05; 8 bits < 0.25; 4 bits KL < 0.1 nats per token; 2 bits KL < 2."""
+    r = engine.runner
+    ids = _demo_text(engine, 132)
+    cache = r.new_cache()
+    r.forward(ids[:120], torch.arange(120), cache)
+    ref = r.forward(ids[120:], torch.arange(120, 132), cache.clone(), all_logits=True)
+    for bits in (16, 8, 4, 2):
+        q = quantize_cache(cache, bits)
+        out = torch.stack([r.forward(ids[i : i + 1], torch.tensor([i]), q) for i in range(120, 132)])
+        q.check_integrity()
+        diff, kl = (out - ref).abs().max().item(), kl_divergence(ref, out).max().item()
+        assert {16: diff < 0.05, 8: diff < 0.25, 4: kl < 0.1, 2: kl < 2.0}[bits], (bits, diff, kl)
+
+
+DOCS = [
+    "Marie Curie discovered polonium and radium together with Pierre Curie.",
+    "The Danube flows through Vienna, Bratislava, Budapest and Belgrade.",
+]
+QUESTION = "Which elements did Marie Curie discover?"
+
+
+def _segments() -> list[Segment]:
+    return [Segment(d) for d in DOCS] + [Segment(QUESTION, "user")]
+
+
+def test_engine_reports_compressed_kv_bytes(engine) -> None:
+    params = SamplingParams(max_tokens=2)
+    full = engine.generate(_segments(), params)
+    n = full.prompt_tokens
+    assert (
+        full.kv_bytes
+        == full.summary()["kv_bytes"]
+        == 2 * engine.runner.num_layers * engine.runner.kv_heads * n * 64 * 4
+    )
+    q2 = engine.generate(_segments(), params, kv_bits=2)  # 71 tokens: one group of 32 quantized, 39 in fp16
+    pre = engine.prefill(engine.plan(_segments()), kv_bits=2)
+    assert isinstance(pre.cache, QuantizedKVCache) and q2.kv_bytes == pre.cache.nbytes < full.kv_bytes / 2
+    ev = engine.generate(_segments(), params, evict="snapkv:0.5", kv_bits=8)
+    assert math.isclose(ev.kv_bytes, quantize_cache(_kept(engine, 0.5), 8).nbytes)
+
+
+def _kept(engine: Engine, ratio: float) -> KVCache:
+    pre = engine.prefill(engine.plan(_segments()), evict=f"snapkv:{ratio}")
+    assert pre.cache.length == round(ratio * len(engine.plan(_segments())))
+    return pre.cache
+
+
+def test_blend_over_a_kivi4_store(engine, lm) -> None:
+    """Chunks stored packed (kivi4), blended into the prompt, then the decode cache compressed too."""
+    eng = Engine(EngineConfig(store="ram:64MiB", codec="kivi4"), loaded=lm)
+    params = SamplingParams(max_tokens=10)
+    first = eng.generate(_segments(), params, reuse="blend")  # computes the chunks and stores them
+    again = eng.generate(_segments(), params, reuse="blend")  # now they come from the packed store
+    assert again.prefill.reused_tokens > 0 and again.prefill.tier_hits.get("ram", 0) >= 2
+    for r in (first, again):
+        assert "polonium" in r.text.lower() and "radium" in r.text.lower(), r.text
+    both = eng.generate(_segments(), params, reuse="blend", kv_bits=8)
+    assert "polonium" in both.text.lower() and both.kv_bytes < again.kv_bytes / 2, both.text
+
+
+def test_cli_kv_bits_and_evict(capsys) -> None:
+    import json
+    from pathlib import Path
+
+    import kvstash
+    from kvstash.cli import main
+
+    doc = str(Path(kvstash.__file__).parent / "demo_docs" / "curie.txt")
+    args = ["ask", QUESTION, "--doc", doc, "--max-tokens", "2", "--json"]
+    assert main([*args, "--kv-bits", "4", "--evict", "streaming:0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["kv_bytes"] < 2 * 30 * 3 * 64 * 2 * out["prompt_tokens"] / 2  # under half of fp16
+    assert main([*args, "--evict", "snapkv:2.5"]) == 2
+    assert "budget '2.5'" in capsys.readouterr().err
