@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench-quick clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+bench-quick: setup
+	$(BIN)/kvstash bench needle --quick --out bench-out/quick
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
