@@ -24,7 +24,8 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,16 +56,6 @@ SETTINGS = [
     *(Setting(f"kv{b}", kv_bits=b) for b in BITS),
     *(Setting(f"{p}:{b}", kv_bits=16, evict=f"{p}:{b}") for p in POLICIES for b in BUDGETS),
 ]
-
-
-@dataclass
-class Row:
-    bytes_ratio: list[float] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
-    agree: list[bool] = field(default_factory=list)
-    kl: list[float] = field(default_factory=list)
-    tok_s: list[float] = field(default_factory=list)
-    compress_s: list[float] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -104,7 +95,8 @@ def _plan(engine: Engine, ex):
     return engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
 
 
-def run_example(engine: Engine, ex, rows: dict[str, Row], max_tokens: int) -> dict:
+def run_example(engine: Engine, ex, max_tokens: int) -> dict:
+    """Every setting on one example: {"id", "prompt_tokens", "prefill_s", "settings": {name: metrics}}."""
     plan = _plan(engine, ex)
     n = len(plan)
     t = time.perf_counter()
@@ -123,16 +115,20 @@ def run_example(engine: Engine, ex, rows: dict[str, Row], max_tokens: int) -> di
         if ref is None:
             full_ids, full_text = ids, text
             ref = engine.teacher_forced_logits(Prefilled(base.cache.clone(), base.last_logits, base.report), ids)
-        row = rows.setdefault(s.name, Row())
-        row.bytes_ratio.append(kv_bytes / fp16_bytes)
-        row.correct.append(contains_gold(text, ex.answers))
-        row.agree.append(answers_agree(text, full_text))
-        row.tok_s.append(tok_s)
-        row.compress_s.append(compress_s)
+        kl = None
         if s is not SETTINGS[0] and len(full_ids) > 1:  # the full row would be compared with itself
             tf = engine.teacher_forced_logits(compressed(engine, base, plan, s, scores)[0], full_ids)
-            row.kl.append(float(kl_divergence(ref[1:], tf[1:]).mean()))
-        out["settings"][s.name] = {"answer": text, "kv_bytes": kv_bytes, "tok_s": round(tok_s, 2)}
+            kl = float(kl_divergence(ref[1:], tf[1:]).mean())
+        out["settings"][s.name] = {
+            "answer": text,
+            "kv_bytes": kv_bytes,
+            "bytes_ratio": kv_bytes / fp16_bytes,
+            "correct": contains_gold(text, ex.answers),
+            "agree": answers_agree(text, full_text),
+            "kl": kl,
+            "tok_s": tok_s,
+            "compress_s": compress_s,
+        }
     return out
 
 
@@ -146,21 +142,26 @@ def codec_ratios(engine: Engine, examples) -> dict[str, float]:
     return {c: sum(get_codec(c).encoded_nbytes(s) for s in shapes) / fp16 for c in CODECS}
 
 
-def summarize(rows: dict[str, Row]) -> list[dict]:
-    def pct(xs):
+def summarize(examples: list[dict]) -> list[dict]:
+    """One row per setting over the examples' records."""
+
+    def col(name: str, key: str) -> list:
+        return [e["settings"][name][key] for e in examples if e["settings"][name][key] is not None]
+
+    def pct(xs: list) -> float:
         return round(100 * sum(xs) / len(xs), 1)
 
     return [
         {
-            "setting": name,
-            "bytes_vs_fp16": round(statistics.mean(r.bytes_ratio), 3),
-            "accuracy_pct": pct(r.correct),
-            "agreement_pct": pct(r.agree),
-            "kl_mean": round(statistics.mean(r.kl), 4) if r.kl else None,
-            "decode_tok_s": round(statistics.median(r.tok_s), 1),
-            "compress_s": round(statistics.median(r.compress_s), 2),
+            "setting": s.name,
+            "bytes_vs_fp16": round(statistics.mean(col(s.name, "bytes_ratio")), 3),
+            "accuracy_pct": pct(col(s.name, "correct")),
+            "agreement_pct": pct(col(s.name, "agree")),
+            "kl_mean": round(statistics.mean(col(s.name, "kl")), 4) if col(s.name, "kl") else None,
+            "decode_tok_s": round(statistics.median(col(s.name, "tok_s")), 1),
+            "compress_s": round(statistics.median(col(s.name, "compress_s")), 2),
         }
-        for name, r in rows.items()
+        for s in SETTINGS
     ]
 
 
@@ -183,24 +184,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="compression.json")
+    ap.add_argument("--resume", action="store_true", help="keep the examples --out already holds, run the rest")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     engine = Engine(EngineConfig(threads=args.threads))
     result = {"args": vars(args), "datasets": {}}
+    if args.resume and Path(args.out).is_file():
+        result["datasets"] = json.loads(Path(args.out).read_text())["datasets"]
     for name in args.datasets.split(","):
         examples = load_dataset(name, n=args.n, passages=args.passages)
-        rows: dict[str, Row] = {}
+        done = {e["id"]: e for e in result["datasets"].get(name, {}).get("examples", [])}
         per_example = []
         for i, ex in enumerate(examples):
             t = time.perf_counter()
-            per_example.append(run_example(engine, ex, rows, args.max_tokens))
+            per_example.append(done.get(ex.id) or run_example(engine, ex, args.max_tokens))
             e = per_example[-1]
             print(f"{name} {i + 1}/{len(examples)}: {e['prompt_tokens']} tokens, prefill {e['prefill_s']} s, "
                   f"all settings {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
-            result["datasets"][name] = {"done": i + 1, "table": summarize(rows), "examples": per_example}
-            with open(args.out, "w") as f:  # after every example, so a long run can be read while it goes
+            result["datasets"][name] = {"done": i + 1, "table": summarize(per_example), "examples": per_example}
+            with open(args.out, "w") as f:  # after every example: a long run can be read, or resumed
                 json.dump(result, f, indent=1)
-        table = summarize(rows)
+        table = summarize(per_example)
         codecs = codec_ratios(engine, examples)
         prompt_tokens = statistics.mean(e["prompt_tokens"] for e in per_example)
         result["datasets"][name].update(codecs=codecs, mean_prompt_tokens=prompt_tokens)

@@ -169,7 +169,7 @@ class SnapKV(EvictionPolicy):
 
     # The paper pools over 7. With SmolLM2-135M the question's queries vote for the needle's words, not for
     # the digits after them: on the first 7 needle prompts at 25%, kernel 7 kept 0 of the 4 answers the full
-    # cache got right, 15 kept all 4 (benchmarks/compression.py).
+    # cache got right, 15 kept all 4 (a probe made while building benchmarks/compression.py).
     kernel: int = 15
 
     name: ClassVar[str] = "snapkv"

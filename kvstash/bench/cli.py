@@ -75,18 +75,21 @@ def config_from_args(args):
         given = {k: v for k, v in given.items() if v is not None}
         given["methods"] = parse_methods(given.get("methods", DEFAULT_METHODS))
         config = BenchConfig(args.dataset, **given, **common)
-    return replace(config, command=command_line(config, args.data_dir))
+    return replace(config, command=command_line(config, args))
 
 
-def command_line(config, data_dir: str | None = None) -> str:
+def command_line(config, args) -> str:
     """The explicit command that repeats ``config`` (every setting spelled out), kept in results.json."""
     argv = ["kvstash", "bench", config.dataset, "--n", str(config.n), "--passages", str(config.passages)]
     argv += ["--max-tokens", str(config.max_tokens), "--seed", str(config.seed)]
     argv += ["--methods", ",".join(m.name for m in config.methods)]
     for key, value in config.dataset_options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
+    for flag, value in (("--data-dir", args.data_dir), ("--threads", args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.model != DEFAULT_MODEL:
+        argv += ["--model", args.model]
     return shlex.join(argv)
 
 
