@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict | None] = {
     "blend r=0.15 check@2": dict(ratio=0.15, check_layer=2),
     "blend r=0.15 sink=4": dict(ratio=0.15, sink=4),
     "blend r=0.15 head-ctx": dict(ratio=0.15, head_context=True),
+    "blend r=0.15 question 0.5": dict(ratio=0.15, query_share=0.5),
+    "blend r=0.15 question 1.0": dict(ratio=0.15, query_share=1.0),
+    "blend r=0.15 question 0.25": dict(ratio=0.15, query_share=0.25),
     "naive head-ctx": dict(ratio=0.0, head_context=True, naive=True),
     "blend r=0.15 head-ctx gradual": dict(ratio=0.15, head_context=True, schedule=(0.4,)),
 }
@@ -97,8 +100,8 @@ def run(args) -> dict:
                 tokens=len(plan),
             )
         )
-        for hc, source in sources.items():  # warm: every variant finds its chunk KV in the store
-            NaiveReuse(BlendConfig(head_context=bool(hc))).prefill(engine.runner, plan, source)
+        for hc in {int(bool((VARIANTS[n] or {}).get("head_context"))) for n in names}:  # warm what is used
+            NaiveReuse(BlendConfig(head_context=bool(hc))).prefill(engine.runner, plan, sources[hc])
         for name in names:
             method = method_for(name, VARIANTS[name], engine.config.prefill_chunk)
             source = sources[int(method.cfg.head_context)]

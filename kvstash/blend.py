@@ -11,11 +11,12 @@ prefill would give, chosen at a check layer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvstash.chunks import ChunkSource, ChunkStats
+from kvstash.evict import attention_probs
 from kvstash.forward import Runner, causal_mask
 from kvstash.kv import KVCache
 from kvstash.prompt import PromptPlan
@@ -86,6 +87,7 @@ class Layout:
     reused: torch.Tensor  # [R] bool: the token's KV came from a standalone chunk
     segment: torch.Tensor  # [R] int64: index into plan.segments
     forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
+    focus: torch.Tensor | None = None  # [R] float: attention the question pays each token (blend's probe)
 
 
 def lay_out(
@@ -145,6 +147,7 @@ class BlendConfig:
     sink: int = 0  # always recompute the first ``sink`` tokens of every reused chunk
     head_context: bool = False  # chunk KV computed behind the prompt head (system prompt), not from 0
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
+    query_share: float = 0.5  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
@@ -159,6 +162,8 @@ class BlendConfig:
             raise ValueError(f"schedule must be shares in [0, 1] that never grow and end >= ratio, got {shares}")
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if not 0.0 <= self.query_share <= 1.0:
+            raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
         if self.gate is not None and self.gate <= 0:
             raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
 
@@ -268,12 +273,20 @@ class NaiveReuse(_PartialPrefill):
 @register_method
 class BlendReuse(_PartialPrefill):
     """CacheBlend: all tokens run in full up to the check layer; there the reused tokens whose fresh KV
-    deviates most from the cached KV are chosen, and only they (plus uncached segments) run on."""
+    deviates most from the cached KV are chosen, and only they (plus uncached segments) run on.
+
+    Question-focused by default: a share ``query_share`` of the budget first goes to the reused tokens the
+    question attends to most in a cheap naive probe (:func:`question_focus`); the rest by deviation."""
 
     name = "blend"
 
     def checks_at(self, layer: int) -> bool:
         return self.cfg.check_layer <= layer <= self.cfg.last_check
+
+    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout):
+        if self.cfg.query_share > 0 and self.cfg.ratio > 0:
+            layout.focus = question_focus(runner, cache, layout)
+        return super().run_layers(runner, cache, layout)
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
         """Select which active reused tokens run on. Returns (keep mask over active, chosen [R], gate count)."""
@@ -296,7 +309,49 @@ class BlendReuse(_PartialPrefill):
             layout.forced[idx] = forced
         forced = layout.forced[idx]
         budget = round(cfg.share_at(step) * total) - int(forced.sum())
+        if layout.focus is not None:  # part of the budget goes to the tokens the question reads most
+            n_focus = round(cfg.query_share * budget)
+            forced = forced | top_share(layout.focus[idx].masked_fill(forced, float("-inf")), n_focus)
+            budget -= n_focus
         pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget, seg if cfg.per_chunk else None)
         chosen = torch.zeros_like(layout.reused)
         chosen[idx[pick]] = True
         return ~reused | chosen[active], chosen, fired
+
+
+@register_method
+class CacheBlendReuse(BlendReuse):
+    """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0)."""
+
+    name = "cacheblend"
+
+    def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
+        super().__init__(replace(cfg or BlendConfig(), query_share=0.0), prefill_chunk)
+
+
+@torch.inference_mode()
+def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tensor:
+    """How much the question attends to each reused token, from a naive probe: the computed tokens (question,
+    glue) run through every layer over the re-positioned chunk KV, as :class:`NaiveReuse` does, and the
+    attention of the tokens after the last reused one (the question and the answer's glue) is summed over
+    layers, heads and queries. Returns [R] over the rest tokens (0 for computed ones).
+
+    Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
+    """
+    active = (~layout.reused).nonzero().squeeze(1)  # rest indices computed in the probe
+    last_reused = int(layout.reused.nonzero().max()) if bool(layout.reused.any()) else -1
+    asks = active > last_reused  # [A] the question's rows among them
+    positions = torch.arange(layout.start, cache.length)
+    cos, sin = runner.rope.cos_sin(positions[active])
+    h = runner.embed(layout.ids[active])
+    focus = torch.zeros(len(layout.ids))
+    rest = slice(layout.start, cache.length)
+    for layer in range(runner.num_layers):
+        q, k, v = runner.qkv(layer, h, cos, sin)
+        cache.write_slots(layer, layout.start + active, k, v)
+        k_all, v_all, k_pos = cache.layer(layer)
+        mask = causal_mask(positions[active], k_pos[0])
+        probs = attention_probs(q[:, asks], k_all, mask[asks])  # [H, Tq, n]
+        focus += probs.sum(dim=(0, 1))[rest]
+        h = runner.finish(layer, h, runner.attend(q, k_all, v_all, mask))
+    return focus.masked_fill(~layout.reused, 0.0)

@@ -71,6 +71,7 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         ratio=getattr(args, "ratio", None),
         check_layer=getattr(args, "check_layer", None),
         gate=getattr(args, "gate", None),
+        query_share=getattr(args, "query_share", None),
     )
     gen = engine.stream(
         segs, params, reuse=method, kv_bits=getattr(args, "kv_bits", None), evict=getattr(args, "evict", None)
@@ -146,7 +147,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--codec", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8, kivi4, kivi2")
     p.add_argument(
-        "--reuse", metavar="METHOD", help="full | prefix | naive | blend (default: blend with --store, else full)"
+        "--reuse",
+        metavar="METHOD",
+        help="full | prefix | naive | blend | cacheblend (plain CacheBlend, no question focus) "
+        "(default: blend with --store, else full)",
     )
     p.add_argument("--ratio", type=float, help="blend: share of reused tokens recomputed (default 0.15)")
     p.add_argument("--check-layer", type=int, help="blend: layer where deviations are measured (default 1)")
@@ -155,6 +159,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="blend: recompute a whole chunk when its relative KV deviation "
         "at the check layer exceeds this (off by default)",
+    )
+    p.add_argument(
+        "--query-share",
+        type=float,
+        metavar="S",
+        help="blend: share of the recompute budget spent on the reused tokens the question attends to most "
+        "(found by a cheap naive pass); the rest goes by KV deviation. 0 = plain CacheBlend",
     )
     p.add_argument(
         "--kv-bits",

@@ -106,9 +106,10 @@ DEFAULT_RATIO = 0.15
 
 
 def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
-    """Build a method from what a user types: ``full``, ``prefix``, ``naive``, ``blend`` or ``blend:0.3``.
+    """Build a method from what a user types: ``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``,
+    ``cacheblend`` or ``cacheblend:0.3``.
 
-    ``opts`` are blend options (ratio, check_layer, select_by, gate); None values are ignored.
+    ``opts`` are blend options (ratio, check_layer, select_by, gate, query_share); None values are ignored.
     """
     import kvstash.blend as blend  # registers prefix, naive, blend
 
@@ -117,14 +118,14 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
         raise ValueError(f"unknown reuse method {spec!r}; choose one of: {', '.join(REUSE_METHODS)} (blend:RATIO)")
     opts = {k: v for k, v in opts.items() if v is not None}
     if arg:
-        if name != "blend":
-            raise ValueError(f"only blend takes a ratio (blend:0.15), got {spec!r}")
+        if name not in ("blend", "cacheblend"):
+            raise ValueError(f"only blend and cacheblend take a ratio (blend:0.15), got {spec!r}")
         try:
             opts["ratio"] = float(arg)
         except ValueError:
             raise ValueError(f"blend ratio must be a number, e.g. blend:0.15; got {arg!r}") from None
     cls = REUSE_METHODS[name]
-    if name in ("naive", "blend"):
+    if name in ("naive", "blend", "cacheblend"):
         return cls(blend.BlendConfig(**opts), prefill_chunk=prefill_chunk)
     return cls(prefill_chunk=prefill_chunk)
 

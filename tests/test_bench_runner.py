@@ -42,7 +42,7 @@ def test_engine_kwargs_only_when_set():
     ("spec", "message"),
     [
         ("fast", "unknown reuse method"),
-        ("naive:0.2", "only blend takes a ratio"),
+        ("naive:0.2", "only blend and cacheblend take a ratio"),
         ("blend+zip", "unknown codec"),
         ("blend+", "followed by a codec"),
         ("full@turbo", "unknown modifier"),

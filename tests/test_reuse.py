@@ -94,6 +94,31 @@ def test_blend_moves_toward_full_and_answers(engine, source):
     assert err[1.0] < err[0.5] < err[0.0]
 
 
+def test_question_focus_points_at_the_passage_the_question_asks_about(engine, source):
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    method = BlendReuse(BlendConfig(ratio=0.2, query_share=1.0))
+    pre = method.prefill(engine.runner, plan, source)
+    docs = [i for i, s in enumerate(plan.segments) if s.kind == "document"]
+    recomputed = {i: pre.report.segments[i].recomputed for i in docs}
+    reused = sum(plan.segments[i].end - plan.segments[i].start for i in docs)
+    assert sum(recomputed.values()) == round(0.2 * reused)  # the budget is the same as plain blend's
+    assert recomputed[docs[1]] == max(recomputed.values())  # the "secret code" passage gets the most
+
+
+def test_question_focus_keeps_the_anchors(engine, source):
+    plan = _plan(engine, (2, 0, 1))
+    full = FullPrefill().prefill(engine.runner, plan)
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    naive = NaiveReuse().prefill(engine.runner, plan, source)
+    one = BlendReuse(BlendConfig(ratio=1.0, query_share=0.5)).prefill(engine.runner, plan, source)
+    zero = BlendReuse(BlendConfig(ratio=0.0, query_share=0.5)).prefill(engine.runner, plan, source)
+    assert _max_diff(one.last_logits, full.last_logits) < 1e-3
+    assert _max_diff(zero.last_logits, naive.last_logits) < 1e-3
+    with pytest.raises(ValueError, match="query_share"):
+        BlendConfig(query_share=1.5)
+
+
 def test_quality_gate_recomputes_whole_chunks(engine, source):
     plan = _plan(engine, (1, 0, 2))
     full = FullPrefill().prefill(engine.runner, plan)
@@ -118,6 +143,9 @@ def test_make_method_parses_specs_and_rejects_bad_ones():
     assert make_method("blend:0.3").cfg.ratio == 0.3
     assert make_method("blend", ratio=0.2, check_layer=2).cfg.check_layer == 2
     assert make_method("prefix").name == "prefix" and make_method("naive").name == "naive"
+    assert make_method("blend").cfg.query_share == 0.5  # question-focused by default
+    plain = make_method("cacheblend:0.2", query_share=0.9)
+    assert plain.name == "cacheblend" and plain.cfg.ratio == 0.2 and plain.cfg.query_share == 0.0
     for bad, match in [
         ("blend:abc", "number"),
         ("magic", "unknown reuse"),

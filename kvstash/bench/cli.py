@@ -12,7 +12,7 @@ from kvstash.models import DEFAULT_MODEL
 DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle")
 METHODS_HELP = f"""\
 methods (--methods, comma-separated; plain full is always run first, as the reference):
-  full | prefix | naive | blend | blend:RATIO    kvstash reuse methods
+  full | prefix | naive | blend[:RATIO] | cacheblend[:RATIO]    kvstash reuse methods (cacheblend: plain CacheBlend)
   {" | ".join(BASELINES)}                                transformers generate / with a cached prompt head
   METHOD+CODEC      chunk store codec, e.g. blend:0.15+kivi4
   METHOD@kvBITS     quantized working KV, e.g. full@kv4

@@ -2,9 +2,9 @@
 
 Grammar (each spec): ``NAME[:RATIO][+CODEC][@kvBITS][@POLICY:BUDGET]``
 
-- ``NAME``: a reuse method (``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``) or a transformers
-  baseline (``hf``: plain ``generate`` on the same prompt ids; ``hf-prefix``: ``generate`` continuing a cached
-  copy of the shared prompt head).
+- ``NAME``: a reuse method (``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``, ``cacheblend:0.15``)
+  or a transformers baseline (``hf``: plain ``generate`` on the same prompt ids; ``hf-prefix``: ``generate``
+  continuing a cached copy of the shared prompt head).
 - ``+CODEC``: how chunk KV is encoded in the store (``fp16``, ``kivi4``, ...), e.g. ``blend:0.15+kivi4``.
 - ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``).
 - ``@POLICY:BUDGET``: evict prompt KV with a policy, e.g. ``full@snapkv:0.25`` (passed as ``evict=``).
@@ -21,7 +21,7 @@ from kvstash.reuse import make_method
 from kvstash.store.codec import get_codec
 
 BASELINES = ("hf", "hf-prefix")  # measured with transformers, not the kvstash engine
-DEFAULT_METHODS = "full,prefix,naive,blend:0.15,blend:0.3,hf,hf-prefix"
+DEFAULT_METHODS = "full,prefix,naive,cacheblend:0.15,blend:0.15,blend:0.3,hf,hf-prefix"
 QUICK_METHODS = "full,naive,blend:0.15,hf"
 _KV_BITS = re.compile(r"kv(\d+)")
 
@@ -53,7 +53,7 @@ class MethodSpec:
 
     @property
     def base(self) -> str:
-        """The reuse method's name without its ratio: full | prefix | naive | blend | hf | hf-prefix."""
+        """The reuse method's name without its ratio: full | prefix | naive | blend | cacheblend | hf | hf-prefix."""
         return self.reuse.partition(":")[0]
 
     @property

@@ -8,8 +8,8 @@ Store state, and why it is fair. The CacheBlend experiment measures TTFT with ev
 the RAM store. Here each method family gets its own engine view over the shared weights with its own RAM
 store (``Engine(config, loaded=engine.lm)``), cleared and warmed once per example:
 
-- ``naive`` / ``blend`` (family "chunk"): warmed with one untimed prefill by each of the family's methods,
-  so the store holds every document's chunk KV and the shared head (template glue + system prompt) in
+- ``naive`` / ``blend`` / ``cacheblend`` (family "chunk"): warmed with one untimed prefill by each of the
+  family's methods, so the store holds every document's chunk KV and the shared head (template glue + system prompt) in
   context. Documents are reused out of prefix position, as when the same passages were retrieved for other
   prompts.
 - ``prefix`` (family "prefix"): warmed with a ``prefix`` prefill of the first document alone, so the store
@@ -175,7 +175,7 @@ class _HFMethod:
 
 
 def _family_kind(spec: MethodSpec) -> str:
-    return {"prefix": "prefix", "naive": "chunk", "blend": "chunk"}.get(spec.base, "none")
+    return {"prefix": "prefix", "naive": "chunk", "blend": "chunk", "cacheblend": "chunk"}.get(spec.base, "none")
 
 
 def _peak_rss_mb() -> float:

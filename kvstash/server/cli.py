@@ -28,7 +28,9 @@ def register(sub) -> None:
         "servers sharing a Redis tier share their documents",
     )
     p.add_argument("--codec", default="fp16", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8/4/2")
-    p.add_argument("--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default)")
+    p.add_argument(
+        "--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default) | cacheblend"
+    )
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
