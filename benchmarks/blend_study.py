@@ -48,7 +48,7 @@ VARIANTS: dict[str, dict | None] = {
 def method_for(name: str, spec: dict | None, chunk: int):
     if spec is None:
         return NaiveReuse(BlendConfig(), prefill_chunk=chunk)
-    spec = dict(spec)
+    spec = {"query_share": 0.0, **spec}  # variants are plain CacheBlend unless they name a question share
     if spec.pop("naive", False):
         return NaiveReuse(BlendConfig(**spec), prefill_chunk=chunk)
     return BlendReuse(BlendConfig(**spec), prefill_chunk=chunk)

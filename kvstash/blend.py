@@ -284,7 +284,7 @@ class BlendReuse(_PartialPrefill):
         return self.cfg.check_layer <= layer <= self.cfg.last_check
 
     def run_layers(self, runner: Runner, cache: KVCache, layout: Layout):
-        if self.cfg.query_share > 0 and self.cfg.ratio > 0:
+        if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
             layout.focus = question_focus(runner, cache, layout)
         return super().run_layers(runner, cache, layout)
 
@@ -339,7 +339,7 @@ def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tens
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
     """
     active = (~layout.reused).nonzero().squeeze(1)  # rest indices computed in the probe
-    last_reused = int(layout.reused.nonzero().max()) if bool(layout.reused.any()) else -1
+    last_reused = int(layout.reused.nonzero().max())
     asks = active > last_reused  # [A] the question's rows among them
     positions = torch.arange(layout.start, cache.length)
     cos, sin = runner.rope.cos_sin(positions[active])
