@@ -26,6 +26,22 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
     assert lines[-1].startswith("[prompt ") and "ttft" in lines[-1]
 
 
+@pytest.mark.parametrize("reuse", [["--reuse", "cacheblend"], ["--reuse", "blend", "--query-share", "1.0"]])
+def test_ask_blend_flavours_over_a_store(tmp_path, capsys, reuse):
+    docs = []
+    for i, text in enumerate(["The Danube flows into the Black Sea.", "The secret code of the blue project is 4417."]):
+        docs += ["--doc", str(tmp_path / f"d{i}.txt")]
+        (tmp_path / f"d{i}.txt").write_text(text)
+    store = ["--store", f"disk:{tmp_path / 'kv'}"]
+    args = ["ask", "What is the secret code of the blue project?", *docs, *store, "--json", "--max-tokens", "8"]
+    assert main([*args, *reuse, "--ratio", "0.5"]) == 0  # computes the chunks and stores them
+    capsys.readouterr()
+    assert main([*args, *reuse, "--ratio", "0.5"]) == 0  # reuses them
+    out = json.loads(capsys.readouterr().out)
+    assert out["reuse"] == reuse[1]
+    assert out["reused_tokens"] > 0 and out["recomputed_tokens"] < out["prompt_tokens"]
+
+
 def test_missing_doc_and_unknown_model_are_clear_errors(capsys):
     with pytest.raises(SystemExit, match="no such file"):
         main(["ask", "q", "--doc", "/nonexistent/doc.txt"])

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from kvstash.blend import BlendConfig, BlendReuse, NaiveReuse, PrefixReuse
+from kvstash.blend import BlendConfig, BlendReuse, CacheBlendReuse, NaiveReuse, PrefixReuse
 from kvstash.chunks import ChunkSource
 from kvstash.prompt import Segment
 from kvstash.reuse import FullPrefill, make_method
@@ -104,6 +104,8 @@ def test_question_focus_points_at_the_passage_the_question_asks_about(engine, so
     reused = sum(plan.segments[i].end - plan.segments[i].start for i in docs)
     assert sum(recomputed.values()) == round(0.2 * reused)  # the budget is the same as plain blend's
     assert recomputed[docs[1]] == max(recomputed.values())  # the "secret code" passage gets the most
+    plain = CacheBlendReuse(BlendConfig(ratio=0.2)).prefill(engine.runner, plan, source)
+    assert plain.report.segments[docs[1]].recomputed < recomputed[docs[1]]  # by deviation alone it gets fewer
 
 
 def test_question_focus_keeps_the_anchors(engine, source):
