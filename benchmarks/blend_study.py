@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict | None] = {
     "blend r=0.15 question 0.5": dict(ratio=0.15, query_share=0.5),
     "blend r=0.15 question 1.0": dict(ratio=0.15, query_share=1.0),
     "blend r=0.15 question 0.25": dict(ratio=0.15, query_share=0.25),
+    "blend r=0.15 question chunk 1.0": dict(ratio=0.15, query_share=1.0, focus_by_chunk=True),
+    "blend r=0.15 question chunk 0.5": dict(ratio=0.15, query_share=0.5, focus_by_chunk=True),
     "naive head-ctx": dict(ratio=0.0, head_context=True, naive=True),
     "blend r=0.15 head-ctx gradual": dict(ratio=0.15, head_context=True, schedule=(0.4,)),
 }

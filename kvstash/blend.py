@@ -148,6 +148,7 @@ class BlendConfig:
     head_context: bool = False  # chunk KV computed behind the prompt head (system prompt), not from 0
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
     query_share: float = 0.5  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
+    focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
@@ -311,7 +312,12 @@ class BlendReuse(_PartialPrefill):
         budget = round(cfg.share_at(step) * total) - int(forced.sum())
         if layout.focus is not None:  # part of the budget goes to the tokens the question reads most
             n_focus = round(cfg.query_share * budget)
-            forced = forced | top_share(layout.focus[idx].masked_fill(forced, float("-inf")), n_focus)
+            focus = layout.focus[idx]
+            if cfg.focus_by_chunk:  # every token scores its chunk's mean focus: whole chunks, most attended first
+                means = torch.zeros(int(seg.max()) + 1).index_add_(0, seg, focus)
+                means /= torch.bincount(seg, minlength=means.numel()).clamp_min(1)
+                focus = means[seg] + 1e-6 * focus  # ties inside a chunk broken by the token's own focus
+            forced = forced | top_share(focus.masked_fill(forced, float("-inf")), n_focus)
             budget -= n_focus
         pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget, seg if cfg.per_chunk else None)
         chosen = torch.zeros_like(layout.reused)

@@ -108,6 +108,14 @@ def test_question_focus_points_at_the_passage_the_question_asks_about(engine, so
     assert plain.report.segments[docs[1]].recomputed < recomputed[docs[1]]  # by deviation alone it gets fewer
 
 
+def test_question_focus_by_chunk_recomputes_the_asked_passage_whole(engine, source):
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    pre = BlendReuse(BlendConfig(ratio=0.35, query_share=1.0, focus_by_chunk=True)).prefill(engine.runner, plan, source)
+    asked = [s for s in pre.report.segments if s.kind == "document"][1]
+    assert asked.recomputed == asked.tokens  # the "secret code" passage first, all of it
+
+
 def test_question_focus_keeps_the_anchors(engine, source):
     plan = _plan(engine, (2, 0, 1))
     full = FullPrefill().prefill(engine.runner, plan)
