@@ -18,6 +18,7 @@ import math
 import sys
 
 import torch
+from blend_study import greedy  # this folder's scripts: run as benchmarks/quant_ablation.py
 
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, kl_divergence
@@ -85,17 +86,6 @@ def quantized_copy(cache: KVCache, rope: Rope, exact_layers: int = 0, **kw) -> K
         c.k[layer, :, :n], c.v[layer, :, :n] = fake_quant(c.k[layer, :, :n], c.v[layer, :, :n], c.pos[layer, 0, :n],
                                                           rope, **kw)  # fmt: skip
     return c
-
-
-@torch.inference_mode()
-def greedy(engine: Engine, pre: Prefilled, max_tokens: int) -> list[int]:
-    cache, logits, out = pre.cache.clone(), pre.last_logits, []
-    pos = cache.next_position()
-    while len(out) < max_tokens and int(logits.argmax()) not in engine.eos_ids:
-        out.append(int(logits.argmax()))
-        logits = engine.runner.forward(torch.tensor([out[-1]]), torch.tensor([pos]), cache)
-        pos += 1
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.evict import attention_probs
-from kvstash.forward import Runner, causal_mask
+from kvstash.forward import Observer, Runner, causal_mask
 from kvstash.kv import KVCache
 from kvstash.prompt import PromptPlan
 from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, SegmentReport, compute_tokens, register_method
@@ -225,8 +225,9 @@ class _PartialPrefill(ReuseMethod):
         return torch.ones_like(layout.reused)
 
     @torch.inference_mode()
-    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout):
-        """Returns (last-token logits [V], chosen [R] bool over all rest tokens, gate count)."""
+    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observer: Observer | None = None):
+        """Returns (last-token logits [V], chosen [R] bool over all rest tokens, gate count). ``observer``, if
+        given, sees each layer's queries of the computed tokens, all keys and the mask, as in ``Runner.forward``."""
         active = self.initial_active(layout).nonzero().squeeze(1)  # indices into the rest
         positions = torch.arange(layout.start, cache.length)
         cos_all, sin_all = runner.rope.cos_sin(positions)
@@ -245,6 +246,8 @@ class _PartialPrefill(ReuseMethod):
             cache.write_slots(layer, slots[write], k[:, write], v[:, write])
             k_all, v_all, k_pos = cache.layer(layer)
             mask = causal_mask(positions[active], k_pos[0])
+            if observer is not None:
+                observer(layer, q, k_all, mask)
             h = runner.finish(layer, h, self.attend(runner, q, k_all, v_all, mask))
         assert int(active[-1]) == len(layout.ids) - 1, "the prompt's last token must be computed"
         return runner.logits(h[-1:])[0], chosen, fired
@@ -284,10 +287,10 @@ class BlendReuse(_PartialPrefill):
     def checks_at(self, layer: int) -> bool:
         return self.cfg.check_layer <= layer <= self.cfg.last_check
 
-    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout):
+    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observer: Observer | None = None):
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
             layout.focus = question_focus(runner, cache, layout)
-        return super().run_layers(runner, cache, layout)
+        return super().run_layers(runner, cache, layout, observer)
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
         """Select which active reused tokens run on. Returns (keep mask over active, chosen [R], gate count)."""
@@ -337,27 +340,19 @@ class CacheBlendReuse(BlendReuse):
 
 @torch.inference_mode()
 def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tensor:
-    """How much the question attends to each reused token, from a naive probe: the computed tokens (question,
-    glue) run through every layer over the re-positioned chunk KV, as :class:`NaiveReuse` does, and the
-    attention of the tokens after the last reused one (the question and the answer's glue) is summed over
-    layers, heads and queries. Returns [R] over the rest tokens (0 for computed ones).
+    """How much the question attends to each reused token, from a naive probe: a :class:`NaiveReuse` pass
+    (the computed tokens over the re-positioned chunk KV) whose queries after the last reused token (the
+    question and the answer's glue) have their attention summed over layers, heads and queries.
+    Returns [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
     """
-    active = (~layout.reused).nonzero().squeeze(1)  # rest indices computed in the probe
-    last_reused = int(layout.reused.nonzero().max())
-    asks = active > last_reused  # [A] the question's rows among them
-    positions = torch.arange(layout.start, cache.length)
-    cos, sin = runner.rope.cos_sin(positions[active])
-    h = runner.embed(layout.ids[active])
-    focus = torch.zeros(len(layout.ids))
-    rest = slice(layout.start, cache.length)
-    for layer in range(runner.num_layers):
-        q, k, v = runner.qkv(layer, h, cos, sin)
-        cache.write_slots(layer, layout.start + active, k, v)
-        k_all, v_all, k_pos = cache.layer(layer)
-        mask = causal_mask(positions[active], k_pos[0])
-        probs = attention_probs(q[:, asks], k_all, mask[asks])  # [H, Tq, n]
-        focus += probs.sum(dim=(0, 1))[rest]
-        h = runner.finish(layer, h, runner.attend(q, k_all, v_all, mask))
-    return focus.masked_fill(~layout.reused, 0.0)
+    rows = (~layout.reused).nonzero().squeeze(1)  # the rest tokens the probe computes, in order
+    asks = rows > int(layout.reused.nonzero().max())  # [A] the question's rows among them
+    focus = torch.zeros(cache.length)
+
+    def observe(layer, q, k_all, mask) -> None:
+        focus.add_(attention_probs(q[:, asks], k_all, mask[asks]).sum(dim=(0, 1)))  # [H, Tq, n] -> [n]
+
+    NaiveReuse().run_layers(runner, cache, layout, observe)
+    return focus[layout.start :].masked_fill(~layout.reused, 0.0)

@@ -124,6 +124,8 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
             opts["ratio"] = float(arg)
         except ValueError:
             raise ValueError(f"blend ratio must be a number, e.g. blend:0.15; got {arg!r}") from None
+    if name == "cacheblend" and opts.get("query_share"):
+        raise ValueError("cacheblend is plain CacheBlend (no question share); use blend with --query-share")
     cls = REUSE_METHODS[name]
     if name in ("naive", "blend", "cacheblend"):
         return cls(blend.BlendConfig(**opts), prefill_chunk=prefill_chunk)
