@@ -33,6 +33,7 @@ from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
 from kvstash.engine import Engine, EngineConfig
 from kvstash.evict import parse_evict
+from kvstash.kv_alloc import allocate_layer_bits
 from kvstash.kv_quant import quantize_cache
 from kvstash.prompt import Segment
 from kvstash.reuse import Prefilled
@@ -49,11 +50,13 @@ class Setting:
     name: str
     kv_bits: int | None = None
     evict: str | None = None  # policy:budget
+    kv_alloc: str | None = None  # "mixed": per-layer key/value widths (kvstash.kv_alloc)
 
 
 SETTINGS = [
     Setting("full fp32"),
     *(Setting(f"kv{b}", kv_bits=b) for b in BITS),
+    Setting("kv4 mixed", kv_bits=4, kv_alloc="mixed"),
     *(Setting(f"{p}:{b}", kv_bits=16, evict=f"{p}:{b}") for p in POLICIES for b in BUDGETS),
 ]
 
@@ -77,7 +80,9 @@ def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) 
     """A copy of ``base`` compressed as ``s``, and the seconds that took. Eviction scores are computed once
     per policy and example (``scores``: name -> (scores, seconds)) and their time is counted in every row."""
     t = time.perf_counter()
-    cache, score_s = base.cache.clone(), 0.0
+    cache, score_s, layer_bits = base.cache.clone(), 0.0, None
+    if s.kv_alloc:  # measured on the cache as prefilled, as kvstash.compress.Compression does
+        layer_bits = allocate_layer_bits(engine.runner, cache, plan.token_ids, s.kv_bits)
     if s.evict:
         policy = parse_evict(s.evict)
         if policy.name not in scores:
@@ -87,7 +92,7 @@ def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) 
         policy.apply(engine.runner, cache, plan.token_ids, scores=scores[policy.name][0])
         score_s = scores[policy.name][1]
     if s.kv_bits:
-        cache = quantize_cache(cache, s.kv_bits)
+        cache = quantize_cache(cache, s.kv_bits, layer_bits)
     return Prefilled(cache, base.last_logits, base.report), time.perf_counter() - t + score_s
 
 
@@ -95,7 +100,7 @@ def _plan(engine: Engine, ex):
     return engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
 
 
-def run_example(engine: Engine, ex, max_tokens: int) -> dict:
+def run_example(engine: Engine, ex, max_tokens: int, settings: list[Setting]) -> dict:
     """Every setting on one example: {"id", "prompt_tokens", "prefill_s", "settings": {name: metrics}}."""
     plan = _plan(engine, ex)
     n = len(plan)
@@ -107,7 +112,7 @@ def run_example(engine: Engine, ex, max_tokens: int) -> dict:
     full_ids: list[int] = []
     full_text, ref = "", None
     out = {"id": ex.id, "prompt_tokens": n, "prefill_s": round(prefill_s, 2), "settings": {}}
-    for s in SETTINGS:  # the first is full precision: the reference of the others
+    for s in settings:  # the first is full precision: the reference of the others
         pre, compress_s = compressed(engine, base, plan, s, scores)
         kv_bytes = pre.cache.nbytes
         ids, tok_s = greedy(engine, pre, n, max_tokens)
@@ -116,7 +121,7 @@ def run_example(engine: Engine, ex, max_tokens: int) -> dict:
             full_ids, full_text = ids, text
             ref = engine.teacher_forced_logits(Prefilled(base.cache.clone(), base.last_logits, base.report), ids)
         kl = None
-        if s is not SETTINGS[0] and len(full_ids) > 1:  # the full row would be compared with itself
+        if s is not settings[0] and len(full_ids) > 1:  # the full row would be compared with itself
             tf = engine.teacher_forced_logits(compressed(engine, base, plan, s, scores)[0], full_ids)
             kl = float(kl_divergence(ref[1:], tf[1:]).mean())
         out["settings"][s.name] = {
@@ -142,7 +147,7 @@ def codec_ratios(engine: Engine, examples) -> dict[str, float]:
     return {c: sum(get_codec(c).encoded_nbytes(s) for s in shapes) / fp16 for c in CODECS}
 
 
-def summarize(examples: list[dict]) -> list[dict]:
+def summarize(examples: list[dict], settings: list[Setting]) -> list[dict]:
     """One row per setting over the examples' records."""
 
     def col(name: str, key: str) -> list:
@@ -161,7 +166,7 @@ def summarize(examples: list[dict]) -> list[dict]:
             "decode_tok_s": round(statistics.median(col(s.name, "tok_s")), 1),
             "compress_s": round(statistics.median(col(s.name, "compress_s")), 2),
         }
-        for s in SETTINGS
+        for s in settings
     ]
 
 
@@ -181,30 +186,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="needle,musique")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--passages", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0, help="which examples (needle: which passages and codes)")
     ap.add_argument("--max-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="compression.json")
     ap.add_argument("--resume", action="store_true", help="keep the examples --out already holds, run the rest")
+    ap.add_argument("--only", help="comma-separated setting names to run (full fp32 always runs); default all")
     args = ap.parse_args(argv)
+    settings = SETTINGS
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {s.name for s in SETTINGS}
+        if unknown:
+            ap.error(f"unknown settings {sorted(unknown)}; known: {', '.join(s.name for s in SETTINGS)}")
+        settings = [SETTINGS[0], *(s for s in SETTINGS[1:] if s.name in wanted)]
     torch.manual_seed(0)
     engine = Engine(EngineConfig(threads=args.threads))
     result = {"args": vars(args), "datasets": {}}
     if args.resume and Path(args.out).is_file():
         result["datasets"] = json.loads(Path(args.out).read_text())["datasets"]
     for name in args.datasets.split(","):
-        examples = load_dataset(name, n=args.n, passages=args.passages)
+        examples = load_dataset(name, n=args.n, passages=args.passages, seed=args.seed)
         done = {e["id"]: e for e in result["datasets"].get(name, {}).get("examples", [])}
         per_example = []
         for i, ex in enumerate(examples):
             t = time.perf_counter()
-            per_example.append(done.get(ex.id) or run_example(engine, ex, args.max_tokens))
+            per_example.append(done.get(ex.id) or run_example(engine, ex, args.max_tokens, settings))
             e = per_example[-1]
             print(f"{name} {i + 1}/{len(examples)}: {e['prompt_tokens']} tokens, prefill {e['prefill_s']} s, "
                   f"all settings {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
-            result["datasets"][name] = {"done": i + 1, "table": summarize(per_example), "examples": per_example}
+            result["datasets"][name] = {
+                "done": i + 1,
+                "table": summarize(per_example, settings),
+                "examples": per_example,
+            }
             with open(args.out, "w") as f:  # after every example: a long run can be read, or resumed
                 json.dump(result, f, indent=1)
-        table = summarize(per_example)
+        table = summarize(per_example, settings)
         codecs = codec_ratios(engine, examples)
         prompt_tokens = statistics.mean(e["prompt_tokens"] for e in per_example)
         result["datasets"][name].update(codecs=codecs, mean_prompt_tokens=prompt_tokens)

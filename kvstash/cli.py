@@ -74,7 +74,12 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         query_share=getattr(args, "query_share", None),
     )
     gen = engine.stream(
-        segs, params, reuse=method, kv_bits=getattr(args, "kv_bits", None), evict=getattr(args, "evict", None)
+        segs,
+        params,
+        reuse=method,
+        kv_bits=getattr(args, "kv_bits", None),
+        evict=getattr(args, "evict", None),
+        kv_alloc=getattr(args, "kv_alloc", None),
     )
     for delta in gen:
         if args.stream and not args.json:
@@ -172,6 +177,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=(2, 4, 8, 16),
         help="quantize the decode cache after prefill (KIVI; 16 = fp16). Default: compute dtype, no quantization",
+    )
+    p.add_argument(
+        "--kv-alloc",
+        choices=("uniform", "mixed"),
+        help="with --kv-bits 4: 'mixed' measures how much each layer's keys and values suffer from 4 bits and "
+        "gives the most sensitive 8 bits, paid for by the least sensitive at 2, for the same bytes "
+        "(default: uniform)",
     )
     p.add_argument(
         "--evict",

@@ -70,6 +70,7 @@ class GenerationResult:
             "store_s": round(r.store_s, 4),
             "tier_hits": dict(r.tier_hits),
             "kv_bytes": self.kv_bytes,
+            **({"kv_layer_bits": [list(b) for b in r.kv_layer_bits]} if r.kv_layer_bits else {}),
         }
 
 
@@ -144,12 +145,12 @@ class Engine:
             )
 
     def prefill(
-        self, plan: PromptPlan, reuse: str | ReuseMethod | None = None, *, kv_bits=None, evict=None
+        self, plan: PromptPlan, reuse: str | ReuseMethod | None = None, *, kv_bits=None, evict=None, kv_alloc=None
     ) -> Prefilled:
         """The prompt's cache and first-token logits; ``evict`` / ``kv_bits`` compress the cache afterwards
         (eviction while decoding, ``:decode``, applies only in :meth:`stream`)."""
         self.check_length(plan)
-        comp = Compression.parse(kv_bits, evict)
+        comp = Compression.parse(kv_bits, evict, kv_alloc)
         method = self.method(reuse)
         pre = method.prefill(self.runner, plan, self._source(method))
         comp.apply(self.runner, pre, plan.token_ids)
@@ -167,26 +168,35 @@ class Engine:
         return torch.cat([pre.last_logits[None], rest]) if len(ids) else pre.last_logits[None]
 
     def stream(
-        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, *, kv_bits=None, evict=None
+        self,
+        segments: list[Segment],
+        params: SamplingParams | None = None,
+        reuse=None,
+        *,
+        kv_bits=None,
+        evict=None,
+        kv_alloc=None,
     ) -> Generation:
         """Start generating; iterate the returned Generation for text deltas. Errors in input raise here.
 
         ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress the prompt's
-        cache after prefill: evict first, then quantize."""
+        cache after prefill: evict first, then quantize; ``kv_alloc="mixed"`` (with ``kv_bits=4``) gives each
+        layer's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
         params = params or SamplingParams()
         t0 = time.perf_counter()
         plan = self.plan(segments)
         self.check_length(plan)
         method = self.method(reuse)
-        comp = Compression.parse(kv_bits, evict)
+        comp = Compression.parse(kv_bits, evict, kv_alloc)
         gen = Generation(iter(()))
         gen._it = self._decode(gen, plan, method, params, t0, comp)
         return gen
 
     def generate(
-        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, *, kv_bits=None, evict=None
+        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, **compression
     ) -> GenerationResult:
-        gen = self.stream(segments, params, reuse, kv_bits=kv_bits, evict=evict)
+        """:meth:`stream` to the end; ``compression``: its ``kv_bits``, ``evict`` and ``kv_alloc``."""
+        gen = self.stream(segments, params, reuse, **compression)
         for _ in gen:
             pass
         assert gen.result is not None

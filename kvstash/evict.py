@@ -49,17 +49,18 @@ def votes_per_kv_head(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def attention_votes(runner: Runner, cache: KVCache, token_ids, start: int, end: int, block: int = 512):
-    """Votes of the prompt's queries ``[start, end)`` for every cached slot: ``[layers, kv_heads, n]``.
+def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: int, observe, block: int = 512) -> None:
+    """Recompute the queries of the prompt's tokens ``[start, end)`` against the finished ``cache`` and show
+    each layer's attention to ``observe(layer, q, probs, mask)``: q ``[H, T, D]`` of one query block of tokens
+    ``[s, e)``, probs ``[H, T, e]`` its softmax over slots ``[0, e)`` (later slots are later positions,
+    invisible to it) and the causal ``mask`` ``[T, e]`` it was computed with.
 
-    Replays those tokens through the layers against ``cache``, which must be the prompt's cache right after
-    prefill (uniform, slot i = position i = ``token_ids[i]``), in query blocks of ``block`` tokens to bound
-    memory. Changes nothing.
+    ``cache`` must be the prompt's cache right after prefill (uniform, slot i = position i =
+    ``token_ids[i]``); blocks of ``block`` queries bound memory. Changes nothing.
     """
     n = cache.length
     if not cache.uniform or len(token_ids) != n or not torch.equal(cache.positions, torch.arange(n)):
-        raise ValueError("attention votes need the prompt's cache as prefilled (evict before decoding)")
-    votes = torch.zeros(cache.layers, cache.kv_heads, n)
+        raise ValueError("replaying prompt queries needs the prompt's cache as prefilled (evict before decoding)")
     for s in range(start, end, block):
         e = min(s + block, end)
         pos = torch.arange(s, e)
@@ -68,13 +69,25 @@ def attention_votes(runner: Runner, cache: KVCache, token_ids, start: int, end: 
         for i in range(runner.num_layers):
             q, _, _ = runner.qkv(i, h, cos, sin)  # this block's own K/V are already in the cache
             k, v, k_pos = cache.layer(i)
-            k, v = k[:, :e], v[:, :e]  # slots from e on are later positions, invisible to this block
-            probs = attention_probs(q, k, causal_mask(pos, k_pos[0, :e]))  # [H, T, e]
-            votes[i, :, :e] += votes_per_kv_head(probs, cache.kv_heads)
+            k, v = k[:, :e], v[:, :e]
+            mask = causal_mask(pos, k_pos[0, :e])  # [T, e]
+            probs = attention_probs(q, k, mask)  # [H, T, e]
+            observe(i, q, probs, mask)
             if i + 1 < runner.num_layers:
                 heads, kvh = probs.shape[0], cache.kv_heads
                 out = probs.to(v.dtype).view(kvh, heads // kvh * (e - s), e) @ v  # [KVH, G * T, D]
                 h = runner.finish(i, h, out.view(heads, e - s, -1).transpose(0, 1).reshape(e - s, -1))
+
+
+def attention_votes(runner: Runner, cache: KVCache, token_ids, start: int, end: int, block: int = 512):
+    """Votes of the prompt's queries ``[start, end)`` for every cached slot: ``[layers, kv_heads, n]``
+    (see :func:`replay_queries` for what ``cache`` must be)."""
+    votes = torch.zeros(cache.layers, cache.kv_heads, cache.length)
+
+    def observe(layer: int, q, probs: torch.Tensor, mask) -> None:
+        votes[layer, :, : probs.shape[-1]] += votes_per_kv_head(probs, cache.kv_heads)
+
+    replay_queries(runner, cache, token_ids, start, end, observe, block)
     return votes
 
 

@@ -14,6 +14,7 @@ it changes only when its token is written or its group is quantized, so no step 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -28,17 +29,27 @@ class QuantizedKVCache(KVCache):
     (``truncate``) and rewriting slots are refused: evict before quantizing.
     """
 
-    def __init__(self, layers, kv_heads, head_dim, dtype, config: KVQuantConfig, capacity: int = 256):
+    def __init__(self, layers, kv_heads, head_dim, dtype, config: KVQuantConfig, capacity: int = 256, layer_bits=None):
         super().__init__(layers, kv_heads, head_dim, dtype, capacity)
         self.config = config
-        self.stores = [QuantizedLayerCache(config) for _ in range(layers)]  # the packed K/V, one per layer
+        if layer_bits is not None and len(layer_bits) != layers:
+            raise ValueError(
+                f"layer_bits needs one (key_bits, value_bits) pair per layer ({layers}), got {len(layer_bits)}"
+            )
+        self.layer_bits = [(config.key_bits, config.value_bits)] * layers if layer_bits is None else [
+            (int(kb), int(vb)) for kb, vb in layer_bits
+        ]  # fmt: skip
+        self.stores = [  # the packed K/V, one per layer
+            QuantizedLayerCache(replace(config, key_bits=kb, value_bits=vb)) for kb, vb in self.layer_bits
+        ]
 
     @classmethod
-    def from_cache(cls, cache: KVCache, config: KVQuantConfig, extra: int = 64) -> QuantizedKVCache:
+    def from_cache(cls, cache: KVCache, config: KVQuantConfig, extra: int = 64, layer_bits=None) -> QuantizedKVCache:
         """Quantize a prefilled cache (after any eviction; per-head positions are kept). ``extra``: slots
-        reserved for decoding. ``cache`` is left as it was."""
+        reserved for decoding; ``layer_bits``: (key_bits, value_bits) per layer (None: ``config``'s for all).
+        ``cache`` is left as it was."""
         n = cache.length
-        q = cls(cache.layers, cache.kv_heads, cache.head_dim, cache.dtype, config, capacity=n + extra)
+        q = cls(cache.layers, cache.kv_heads, cache.head_dim, cache.dtype, config, n + extra, layer_bits)
         q.pos[:, :, :n] = cache.pos[:, :, :n]
         q.length, q.uniform = n, cache.uniform
         for i, store in enumerate(q.stores):
@@ -99,7 +110,8 @@ class QuantizedKVCache(KVCache):
             raise RuntimeError(f"quantized cache holds {self.length} slots but its layers hold {counts} tokens")
 
 
-def quantize_cache(cache: KVCache, bits: int) -> QuantizedKVCache:
+def quantize_cache(cache: KVCache, bits: int, layer_bits=None) -> QuantizedKVCache:
     """``cache`` (prefilled, possibly evicted) as a decode cache at ``bits`` (2, 4, 8 or 16 = fp16) with
-    :meth:`KVQuantConfig.for_bits` defaults. ValueError for other bits."""
-    return QuantizedKVCache.from_cache(cache, KVQuantConfig.for_bits(bits))
+    :meth:`KVQuantConfig.for_bits` defaults; ``layer_bits`` (from :func:`kvstash.kv_alloc.allocate_layer_bits`)
+    sets each layer's (key_bits, value_bits) instead. ValueError for other bits."""
+    return QuantizedKVCache.from_cache(cache, KVQuantConfig.for_bits(bits), layer_bits=layer_bits)

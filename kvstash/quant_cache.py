@@ -26,16 +26,26 @@ KV_BITS = (*SUPPORTED_BITS, FP16_BITS)
 @dataclass(frozen=True)
 class KVQuantConfig:
     """How a decode cache quantizes: ``bits`` per code (16: fp16, nothing quantized), ``group_size`` G,
-    ``residual`` R recent tokens kept exact (None: R = G), ``sinks`` first tokens kept exact."""
+    ``residual`` R recent tokens kept exact (None: R = G), ``sinks`` first tokens kept exact.
+    ``key_bits`` / ``value_bits`` override ``bits`` for keys or values (a mixed-precision layer,
+    :mod:`kvstash.kv_alloc`); None: ``bits``."""
 
     bits: int = 4
     group_size: int = 32
     residual: int | None = None
     sinks: int = 0
+    key_bits: int | None = None
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in KV_BITS:
             raise ValueError(f"--kv-bits must be one of {KV_BITS}, got {self.bits!r}")
+        for name in ("key_bits", "value_bits"):
+            b = getattr(self, name)
+            if b is None or b == self.bits:
+                object.__setattr__(self, name, self.bits)
+            elif self.bits == FP16_BITS or b not in SUPPORTED_BITS:
+                raise ValueError(f"{name} must be one of {SUPPORTED_BITS} in a quantized cache, got {b!r}")
         if self.group_size < 4 or self.group_size % 4:
             # a whole token group then packs into whole bytes, so groups can be concatenated as bytes
             raise ValueError(f"group_size must be a positive multiple of 4, got {self.group_size}")
@@ -159,8 +169,8 @@ class QuantizedLayerCache:
         # [heads, n, dim] -> [n_groups, heads, G, dim]: one key group per (group, head, channel)
         k_old = self._k_res[:, :n].reshape(heads, n_groups, g, dim).transpose(0, 1)
         v_old = self._v_res[:, :n].reshape(heads, n_groups, g, dim).transpose(0, 1)
-        bits = self.config.bits
-        self._blocks.append((quantize(k_old, bits, g, axis=2), quantize(v_old, bits, g, axis=3)))
+        cfg = self.config
+        self._blocks.append((quantize(k_old, cfg.key_bits, g, axis=2), quantize(v_old, cfg.value_bits, g, axis=3)))
         # new buffers of just the remaining tokens, so the quantized ones' memory is released
         self._k_buf = self._k_buf[:, n : self._r].clone()
         self._v_buf = self._v_buf[:, n : self._r].clone()

@@ -6,7 +6,8 @@ Grammar (each spec): ``NAME[:RATIO][+CODEC][@kvBITS][@POLICY:BUDGET]``
   or a transformers baseline (``hf``: plain ``generate`` on the same prompt ids; ``hf-prefix``: ``generate``
   continuing a cached copy of the shared prompt head).
 - ``+CODEC``: how chunk KV is encoded in the store (``fp16``, ``kivi4``, ...), e.g. ``blend:0.15+kivi4``.
-- ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``).
+- ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``);
+  ``@kv4mixed``: 4 bits on average, each layer's keys and values at 2, 4 or 8 by sensitivity (``kv_alloc=``).
 - ``@POLICY:BUDGET``: evict prompt KV with a policy, e.g. ``full@snapkv:0.25`` (passed as ``evict=``).
 
 The compression fields are handed to the engine only when set, so plain specs work on any engine.
@@ -23,7 +24,7 @@ from kvstash.store.codec import get_codec
 BASELINES = ("hf", "hf-prefix")  # measured with transformers, not the kvstash engine
 DEFAULT_METHODS = "full,prefix,naive,cacheblend:0.15,blend:0.15,blend:0.3,hf,hf-prefix"
 QUICK_METHODS = "full,naive,blend:0.15,hf"
-_KV_BITS = re.compile(r"kv(\d+)")
+_KV_BITS = re.compile(r"kv(\d+)(mixed)?")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class MethodSpec:
     codec: str | None = None  # chunk store codec for this method's store (None: the engine's default)
     kv_bits: int | None = None  # working-cache quantization bits (None: off)
     evict: str | None = None  # eviction policy spec, e.g. ``snapkv:0.25`` (None: off)
+    kv_alloc: str | None = None  # "mixed": per-layer widths around kv_bits (None: uniform)
 
     def __post_init__(self) -> None:
         if self.is_baseline:
@@ -46,6 +48,8 @@ class MethodSpec:
             get_codec(self.codec)  # raises ValueError naming the known codecs
         if self.kv_bits is not None and not 1 <= self.kv_bits <= 16:
             raise ValueError(f"{self.name}: @kvBITS takes 1..16 bits, got {self.kv_bits}")
+        if self.kv_alloc is not None and self.kv_bits != 4:
+            raise ValueError(f"{self.name}: a mixed allocation trades widths around 4 bits: use @kv4mixed")
 
     @property
     def is_baseline(self) -> bool:
@@ -59,7 +63,7 @@ class MethodSpec:
     @property
     def engine_kwargs(self) -> dict:
         """Compression keyword arguments for ``Engine.generate``/``prefill``: only the ones that are set."""
-        kw = {"kv_bits": self.kv_bits, "evict": self.evict}
+        kw = {"kv_bits": self.kv_bits, "evict": self.evict, "kv_alloc": self.kv_alloc}
         return {k: v for k, v in kw.items() if v is not None}
 
     @property
@@ -75,17 +79,17 @@ def parse_method(spec: str) -> MethodSpec:
         raise ValueError("empty method spec; e.g. --methods full,naive,blend:0.15")
     head, *mods = text.split("@")
     reuse, _, codec = head.partition("+")
-    kv_bits = evict = None
+    kv_bits = evict = kv_alloc = None
     for mod in mods:
         if m := _KV_BITS.fullmatch(mod):
-            kv_bits = int(m.group(1))
+            kv_bits, kv_alloc = int(m.group(1)), m.group(2)
         elif ":" in mod:  # the engine validates the policy (snapkv:0.25, h2o:512, streaming:0.25:decode)
             evict = mod
         else:
-            raise ValueError(f"{text}: unknown modifier @{mod}; use @kvBITS (e.g. @kv4) or @POLICY:BUDGET")
+            raise ValueError(f"{text}: unknown modifier @{mod}; use @kvBITS (e.g. @kv4, @kv4mixed) or @POLICY:BUDGET")
     if codec == "" and "+" in head:
         raise ValueError(f"{text}: '+' must be followed by a codec, e.g. blend+kivi4")
-    return MethodSpec(text, reuse, codec or None, kv_bits, evict)
+    return MethodSpec(text, reuse, codec or None, kv_bits, evict, kv_alloc)
 
 
 def parse_methods(specs: str) -> tuple[MethodSpec, ...]:

@@ -15,7 +15,7 @@ from kvstash.bench.metrics import summarize
 CSV_FIELDS = (
     "method", "ttft_s", "ttft_p90_s", "speedup_vs_full", "accuracy", "f1", "agreement", "kl",
     "prompt_tokens", "recomputed_tokens", "reused_tokens", "kv_bytes", "peak_rss_mb", "n",
-    "reuse", "codec", "kv_bits", "evict",
+    "reuse", "codec", "kv_bits", "kv_alloc", "evict",
 )  # fmt: skip
 # (header, summary field, format) of the markdown table's columns
 TABLE = (
@@ -58,6 +58,7 @@ def summarize_methods(rows: list[dict[str, Any]], methods: Sequence[MethodSpec])
                 "reuse": spec.reuse,
                 "codec": spec.codec,
                 "kv_bits": spec.kv_bits,
+                "kv_alloc": spec.kv_alloc or ("uniform" if spec.kv_bits else None),
                 "evict": spec.evict,
                 "n": len(mine),
                 "ttft_s": round(ttft["median"], 4),
