@@ -3,7 +3,7 @@ chosen by measured sensitivity, for the bytes of uniform 4-bit.
 
 Uniform KIVI spends the same bits on every layer, but the harm is far from uniform. On SmolLM2-135M, quantizing
 the keys of layer 18 alone to 4 bits costs about 70% of the answer KL that quantizing everything does, and
-half of the 60 key/value tensors cost under 1e-5 each (``benchmarks/quant_ablation.py --per-layer``).
+two thirds of the 60 key/value tensors cost under 1e-5 each (``benchmarks/quant_ablation.py --per-layer``).
 
 So, after prefill:
 
