@@ -33,7 +33,7 @@ from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
 from kvstash.engine import Engine, EngineConfig
 from kvstash.evict import parse_evict
-from kvstash.kv_alloc import allocate_layer_bits
+from kvstash.kv_alloc import allocate_head_bits
 from kvstash.kv_quant import quantize_cache
 from kvstash.prompt import Segment
 from kvstash.reuse import Prefilled
@@ -50,7 +50,7 @@ class Setting:
     name: str
     kv_bits: int | None = None
     evict: str | None = None  # policy:budget
-    kv_alloc: str | None = None  # "mixed": per-layer key/value widths (kvstash.kv_alloc)
+    kv_alloc: str | None = None  # "mixed": per-KV-head key/value widths (kvstash.kv_alloc)
 
 
 SETTINGS = [
@@ -80,9 +80,9 @@ def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) 
     """A copy of ``base`` compressed as ``s``, and the seconds that took. Eviction scores are computed once
     per policy and example (``scores``: name -> (scores, seconds)) and their time is counted in every row."""
     t = time.perf_counter()
-    cache, score_s, layer_bits = base.cache.clone(), 0.0, None
+    cache, score_s, head_bits = base.cache.clone(), 0.0, None
     if s.kv_alloc:  # measured on the cache as prefilled, as kvstash.compress.Compression does
-        layer_bits = allocate_layer_bits(engine.runner, cache, plan.token_ids, s.kv_bits)
+        head_bits = allocate_head_bits(engine.runner, cache, plan.token_ids, s.kv_bits)
     if s.evict:
         policy = parse_evict(s.evict)
         if policy.name not in scores:
@@ -92,7 +92,7 @@ def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) 
         policy.apply(engine.runner, cache, plan.token_ids, scores=scores[policy.name][0])
         score_s = scores[policy.name][1]
     if s.kv_bits:
-        cache = quantize_cache(cache, s.kv_bits, layer_bits)
+        cache = quantize_cache(cache, s.kv_bits, head_bits)
     return Prefilled(cache, base.last_logits, base.report), time.perf_counter() - t + score_s
 
 

@@ -12,7 +12,8 @@ KL(full || variant) along the full-precision greedy answer (teacher-forced) and 
 
 ``--per-layer`` instead quantizes one tensor at a time (one layer's keys, or its values, at 4 bits) and
 reports each tensor's answer KL next to the score :func:`kvstash.kv_alloc.sensitivity` gives it (what
-``--kv-alloc mixed`` allocates bits by), with their Spearman rank correlation.
+``--kv-alloc mixed`` allocates bits by, per KV head; here averaged over the layer's heads), with their
+Spearman rank correlation.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def per_layer(engine: Engine, args) -> int:
             base = engine.prefill(plan)
             full = greedy(engine, base, args.max_tokens)
             ref = engine.teacher_forced_logits(Prefilled(base.cache.clone(), base.last_logits, base.report), full)
-            scores = sensitivity(engine.runner, base.cache, plan.token_ids, [KVQuantConfig.for_bits(4)])[0]  # [L, 2]
+            scores = sensitivity(engine.runner, base.cache, plan.token_ids, [KVQuantConfig.for_bits(4)])[0].mean(1)
             for layer in range(base.cache.layers):
                 for j, what in enumerate(("keys", "values")):
                     c, n = base.cache.clone(), base.cache.length

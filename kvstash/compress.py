@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kvstash.evict import DecodeEvictor, EvictionPolicy, parse_evict, start_eviction
 from kvstash.forward import Runner
-from kvstash.kv_alloc import KV_ALLOCS, allocate_layer_bits
+from kvstash.kv_alloc import KV_ALLOCS, allocate_head_bits
 from kvstash.kv_quant import quantize_cache
 from kvstash.quant_cache import KV_BITS
 from kvstash.reuse import Prefilled
@@ -34,7 +34,8 @@ class Compression:
             raise ValueError(f"--kv-alloc must be one of {', '.join(KV_ALLOCS)}, got {kv_alloc!r}")
         if kv_alloc == "mixed" and kv_bits != 4:
             raise ValueError(
-                f"--kv-alloc mixed trades 2- and 8-bit layers around 4 bits: use it with --kv-bits 4 (got {kv_bits})"
+                "--kv-alloc mixed trades 2- and 8-bit layers around 4 bits: use it with --kv-bits 4 "
+                + (f"(got {kv_bits})" if kv_bits is not None else "(--kv-bits was not given)")
             )
         policy = parse_evict(evict) if isinstance(evict, str) else evict
         if policy is not None and policy.decode and kv_bits is not None:
@@ -44,12 +45,12 @@ class Compression:
     def apply(self, runner: Runner, pre: Prefilled, token_ids) -> DecodeEvictor | None:
         """Compress ``pre.cache`` (replaced by a quantized cache when ``kv_bits``). Returns the evictor to run
         while decoding, if the policy evicts then too. A mixed allocation is measured before eviction, on the
-        cache as prefilled, and recorded in ``pre.report.kv_layer_bits``."""
-        layer_bits = None
+        cache as prefilled, and recorded in ``pre.report.kv_head_bits``."""
+        head_bits = None
         if self.kv_alloc == "mixed":
-            layer_bits = allocate_layer_bits(runner, pre.cache, token_ids, self.kv_bits)
-            pre.report.kv_layer_bits = layer_bits
+            head_bits = allocate_head_bits(runner, pre.cache, token_ids, self.kv_bits)
+            pre.report.kv_head_bits = head_bits.tolist()
         evictor = start_eviction(self.evict, runner, pre.cache, token_ids) if self.evict else None
         if self.kv_bits is not None:
-            pre.cache = quantize_cache(pre.cache, self.kv_bits, layer_bits)
+            pre.cache = quantize_cache(pre.cache, self.kv_bits, head_bits)
         return evictor

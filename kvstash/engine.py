@@ -70,7 +70,7 @@ class GenerationResult:
             "store_s": round(r.store_s, 4),
             "tier_hits": dict(r.tier_hits),
             "kv_bytes": self.kv_bytes,
-            **({"kv_layer_bits": [list(b) for b in r.kv_layer_bits]} if r.kv_layer_bits else {}),
+            **({"kv_head_bits": r.kv_head_bits} if r.kv_head_bits else {}),
         }
 
 

@@ -1,4 +1,4 @@
-"""Mixed-precision decode cache (``--kv-alloc mixed``): each layer's keys and values get their own bit width,
+"""Mixed-precision decode cache (``--kv-alloc mixed``): each KV head's keys and values get their own bit width,
 chosen by measured sensitivity, for the bytes of uniform 4-bit.
 
 Uniform KIVI spends the same bits on every layer, but the harm is far from uniform. On SmolLM2-135M, quantizing
@@ -9,14 +9,16 @@ So, after prefill:
 
 1. **Measure** (:func:`sensitivity`): replay the prompt's last ``window`` queries (as SnapKV does) and, for
    every layer, quantize its keys and its values at 2, 4 and 8 bits exactly as the decode cache would. Score
-   each (tensor, width) by the relative error it causes in that layer's attention output for those queries,
-   ``|o - o'|^2 / |o|^2``. At 4 bits this score ranks the 60 tensors like their answer KL on needle prompts
-   (Spearman 0.89; the same top six key tensors).
-2. **Allocate** (:func:`allocate_bits`): promote the tensors that gain most from 8 bits and pay for each with
-   the two that lose least at 2 bits. All tensors have the same shape and group size, so the packed bytes
-   stay exactly those of uniform 4-bit. A trade is made only while its measured gain beats its loss. (The
-   2-bit loss must be measured: extrapolating it from the 4-bit error as ``(15/3)^2 = 25x`` demoted a key
-   tensor whose error grows 480x, and on one prompt the answer KL rose 6x over uniform.)
+   each (KV head, keys or values, width) by the relative error it causes in the attention output of the
+   query heads reading that KV head, ``|o - o'|^2 / |o|^2``. Averaged over a layer's heads at 4 bits, this
+   score ranks the 60 layer tensors like their answer KL on needle prompts (Spearman 0.89; the same top six).
+2. **Allocate** (:func:`allocate_bits`): promote the tensors (one KV head's keys or values) that gain most
+   from 8 bits and pay for each with the two that lose least at 2 bits. All tensors have the same shape and
+   group size, so the packed bytes stay exactly those of uniform 4-bit. A trade is made only while its
+   measured gain beats its loss. (The 2-bit loss must be measured: extrapolating it from the 4-bit error as
+   ``(15/3)^2 = 25x`` demoted a key tensor whose error grows 480x, and on one prompt the answer KL rose 6x
+   over uniform.) Per KV head rather than per layer halves the answer KL again: a layer's sensitivity often
+   sits in one of its heads.
 
 Every tensor keeps the KIVI layout (keys per channel, values per token, fp16 scale and zero per group of G,
 the same sinks and recent window); only its code width changes.
@@ -80,50 +82,47 @@ def _take(order, skip: int, bits: torch.Tensor, k: int) -> list[int]:
 
 
 def _read(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention output per query head: probs [H, T, n], v [KVH, n, D] -> [H, T, D] (grouped-query)."""
+    """Attention output per KV head: probs [H, T, n], v [KVH, n, D] -> [KVH, H/KVH * T, D] (grouped-query)."""
     heads, t, n = probs.shape
     kvh = v.shape[0]
-    return (probs.reshape(kvh, heads // kvh * t, n) @ v.float()).view(heads, t, -1)
+    return probs.reshape(kvh, heads // kvh * t, n) @ v.float()
 
 
 @torch.inference_mode()
 def sensitivity(
     runner: Runner, cache: KVCache, token_ids, configs: list[KVQuantConfig], window: int = 32
 ) -> torch.Tensor:
-    """Relative attention-output error of quantizing each layer's keys, and separately its values, as each of
-    ``configs`` (a decode-cache layout and width) would, seen by the prompt's last ``window`` queries:
-    [configs, layers, 2] (keys, values). Every width is measured, not extrapolated: at 2 bits the error
-    through the softmax grows 20-500x over 4 bits' depending on the layer. ``cache`` is the prompt's cache as
-    prefilled (see :func:`replay_queries`). Changes nothing."""
-    errors = torch.zeros(len(configs), cache.layers, 2)
+    """Relative attention-output error of quantizing each KV head's keys, and separately its values, as each of
+    ``configs`` (a decode-cache layout and width) would, seen by the prompt's last ``window`` queries (the
+    query heads that read the KV head): [configs, layers, kv_heads, 2] (keys, values). Every width is
+    measured, not extrapolated: at 2 bits the error through the softmax grows 20-500x over 4 bits' depending
+    on the layer. ``cache`` is the prompt's cache as prefilled (see :func:`replay_queries`). Changes nothing."""
+    errors = torch.zeros(len(configs), cache.layers, cache.kv_heads, 2)
     n = cache.length
 
     def observe(layer: int, q: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
         k, v, _ = cache.layer(layer)
-        exact = _read(probs, v)  # [H, T, D]
-        scale = exact.pow(2).sum().clamp_min(1e-30)
+        exact = _read(probs, v)  # [KVH, G * T, D]
+        scale = exact.pow(2).sum(dim=(1, 2)).clamp_min(1e-30)  # [KVH]
         for c, config in enumerate(configs):
             store = QuantizedLayerCache(config)
             store.append(k.half(), v.half())
             kq, vq = store.materialize()  # [KVH, n, D] what the decode cache would read
-            errors[c, layer, 0] = (_read(attention_probs(q, kq, mask), v) - exact).pow(2).sum() / scale
-            errors[c, layer, 1] = (_read(probs, vq) - exact).pow(2).sum() / scale
+            errors[c, layer, :, 0] = (_read(attention_probs(q, kq, mask), v) - exact).pow(2).sum(dim=(1, 2)) / scale
+            errors[c, layer, :, 1] = (_read(probs, vq) - exact).pow(2).sum(dim=(1, 2)) / scale
 
     replay_queries(runner, cache, token_ids, max(0, n - window), n, observe, block=window)
     return errors
 
 
-def allocate_layer_bits(
-    runner: Runner, cache: KVCache, token_ids, bits: int = 4, window: int = 32
-) -> list[tuple[int, int]]:
-    """(key_bits, value_bits) per layer for a decode cache of ``bits`` on average: :func:`sensitivity` at the
-    three widths with :meth:`KVQuantConfig.for_bits` layout, then :func:`allocate_bits`. ValueError unless
-    ``bits`` is 4."""
+def allocate_head_bits(runner: Runner, cache: KVCache, token_ids, bits: int = 4, window: int = 32) -> torch.Tensor:
+    """Key and value bits per KV head, [layers, kv_heads, 2], for a decode cache of ``bits`` on average:
+    :func:`sensitivity` at the three widths with :meth:`KVQuantConfig.for_bits` layout, then
+    :func:`allocate_bits` over all the KV heads' keys and values. ValueError unless ``bits`` is 4."""
     if bits not in STEPS:
         raise ValueError(f"--kv-alloc mixed needs --kv-bits 4 (it trades 2- and 8-bit tensors around 4), got {bits}")
     base = KVQuantConfig.for_bits(bits)
     lo, hi = STEPS[bits]
     widths = [replace(base, key_bits=b, value_bits=b) for b in (lo, bits, hi)]
-    errors = sensitivity(runner, cache, token_ids, widths, window)  # [3, L, 2]
-    alloc = allocate_bits(errors.flatten(1), bits).view(-1, 2)
-    return [(int(kb), int(vb)) for kb, vb in alloc]
+    errors = sensitivity(runner, cache, token_ids, widths, window)  # [3, L, KVH, 2]
+    return allocate_bits(errors.flatten(1), bits).view(errors.shape[1:])

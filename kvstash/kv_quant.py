@@ -2,8 +2,9 @@
 
 Each layer's tokens live in a :class:`~kvstash.quant_cache.QuantizedLayerCache`: keys per channel and values
 per token in groups of G, the newest R tokens and the first token (an attention sink) in fp16 (the precision
-the byte counts are measured against).
-Decoding appends to that residual and quantizes whole groups as they fill.
+the byte counts are measured against); with ``--kv-alloc mixed`` each KV head may have its own widths (a
+:class:`~kvstash.quant_cache.HeadwiseLayerCache`). Decoding appends to that residual and quantizes whole
+groups as they fill.
 
 Attention needs dense K/V. This engine has no fused dequantize-and-attend kernel, so the cache also keeps a
 *working copy* in the compute dtype (the base class's buffers) equal to the dequantized packed data; a slot of
@@ -19,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from kvstash.kv import KVCache
-from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
+from kvstash.quant_cache import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
 
 
 class QuantizedKVCache(KVCache):
@@ -29,27 +30,32 @@ class QuantizedKVCache(KVCache):
     (``truncate``) and rewriting slots are refused: evict before quantizing.
     """
 
-    def __init__(self, layers, kv_heads, head_dim, dtype, config: KVQuantConfig, capacity: int = 256, layer_bits=None):
+    def __init__(self, layers, kv_heads, head_dim, dtype, config: KVQuantConfig, capacity: int = 256, head_bits=None):
         super().__init__(layers, kv_heads, head_dim, dtype, capacity)
         self.config = config
-        if layer_bits is not None and len(layer_bits) != layers:
+        if head_bits is None:
+            head_bits = torch.tensor([config.key_bits, config.value_bits]).expand(layers, kv_heads, 2)
+        head_bits = torch.as_tensor(head_bits, dtype=torch.long)
+        if head_bits.shape != (layers, kv_heads, 2):
             raise ValueError(
-                f"layer_bits needs one (key_bits, value_bits) pair per layer ({layers}), got {len(layer_bits)}"
+                f"head_bits must be [layers, kv_heads, 2] = [{layers}, {kv_heads}, 2] (key, value bits per KV head), "
+                f"got {list(head_bits.shape)}"
             )
-        self.layer_bits = [(config.key_bits, config.value_bits)] * layers if layer_bits is None else [
-            (int(kb), int(vb)) for kb, vb in layer_bits
-        ]  # fmt: skip
-        self.stores = [  # the packed K/V, one per layer
-            QuantizedLayerCache(replace(config, key_bits=kb, value_bits=vb)) for kb, vb in self.layer_bits
-        ]
+        self.head_bits = head_bits.clone()  # [L, KVH, 2]
+        self.stores = [self._layer_store(b) for b in self.head_bits]  # the packed K/V, one per layer
+
+    def _layer_store(self, bits: torch.Tensor):
+        """bits [KVH, 2] -> one QuantizedLayerCache when every head has the same widths, else one per head."""
+        widths = [replace(self.config, key_bits=int(kb), value_bits=int(vb)) for kb, vb in bits]
+        return QuantizedLayerCache(widths[0]) if len(set(widths)) == 1 else HeadwiseLayerCache(widths)
 
     @classmethod
-    def from_cache(cls, cache: KVCache, config: KVQuantConfig, extra: int = 64, layer_bits=None) -> QuantizedKVCache:
+    def from_cache(cls, cache: KVCache, config: KVQuantConfig, extra: int = 64, head_bits=None) -> QuantizedKVCache:
         """Quantize a prefilled cache (after any eviction; per-head positions are kept). ``extra``: slots
-        reserved for decoding; ``layer_bits``: (key_bits, value_bits) per layer (None: ``config``'s for all).
-        ``cache`` is left as it was."""
+        reserved for decoding; ``head_bits`` [layers, kv_heads, 2]: (key, value) bits per KV head (None:
+        ``config``'s everywhere). ``cache`` is left as it was."""
         n = cache.length
-        q = cls(cache.layers, cache.kv_heads, cache.head_dim, cache.dtype, config, n + extra, layer_bits)
+        q = cls(cache.layers, cache.kv_heads, cache.head_dim, cache.dtype, config, n + extra, head_bits)
         q.pos[:, :, :n] = cache.pos[:, :, :n]
         q.length, q.uniform = n, cache.uniform
         for i, store in enumerate(q.stores):
@@ -110,8 +116,9 @@ class QuantizedKVCache(KVCache):
             raise RuntimeError(f"quantized cache holds {self.length} slots but its layers hold {counts} tokens")
 
 
-def quantize_cache(cache: KVCache, bits: int, layer_bits=None) -> QuantizedKVCache:
+def quantize_cache(cache: KVCache, bits: int, head_bits=None) -> QuantizedKVCache:
     """``cache`` (prefilled, possibly evicted) as a decode cache at ``bits`` (2, 4, 8 or 16 = fp16) with
-    :meth:`KVQuantConfig.for_bits` defaults; ``layer_bits`` (from :func:`kvstash.kv_alloc.allocate_layer_bits`)
-    sets each layer's (key_bits, value_bits) instead. ValueError for other bits."""
-    return QuantizedKVCache.from_cache(cache, KVQuantConfig.for_bits(bits), layer_bits=layer_bits)
+    :meth:`KVQuantConfig.for_bits` defaults; ``head_bits`` [layers, kv_heads, 2] (from
+    :func:`kvstash.kv_alloc.allocate_head_bits`) sets each KV head's key and value bits instead. ValueError for
+    other bits."""
+    return QuantizedKVCache.from_cache(cache, KVQuantConfig.for_bits(bits), head_bits=head_bits)

@@ -220,3 +220,54 @@ def _dequantize_blocks(blocks: list[Quantized]) -> torch.Tensor:
     x = dequantize(merged)  # [n_groups, heads, G, dim]
     heads, g, dim = first.shape[1:]
     return x.transpose(0, 1).reshape(heads, n_groups * g, dim)
+
+
+class HeadwiseLayerCache:
+    """One layer's K/V whose KV heads have their own widths (``--kv-alloc mixed``): a
+    :class:`QuantizedLayerCache` per head, with the same interface as one. All heads share the layout (G, R,
+    sinks), so they hold the same tokens and quantize on the same appends."""
+
+    def __init__(self, configs: list[KVQuantConfig]) -> None:
+        if not configs or len({(c.group_size, c.residual, c.sinks, c.bits) for c in configs}) != 1:
+            raise ValueError("every head of a layer needs the same group size, residual, sinks and base bits")
+        self.heads = [QuantizedLayerCache(c) for c in configs]
+        self.config = configs[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.heads[0].num_tokens
+
+    @property
+    def num_sinks(self) -> int:
+        return self.heads[0].num_sinks
+
+    @property
+    def num_quantized(self) -> int:
+        return self.heads[0].num_quantized
+
+    @property
+    def num_residual(self) -> int:
+        return self.heads[0].num_residual
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.heads)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """As :meth:`QuantizedLayerCache.append`, head ``i`` of k, v ``[kv_heads, t, head_dim]`` to store i."""
+        if k.shape != v.shape or k.dim() != 3 or k.shape[0] != len(self.heads):
+            raise ValueError(
+                f"append takes k and v of one [{len(self.heads)} heads, tokens, head_dim] shape, got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        return [h.append(k[i : i + 1], v[i : i + 1]) for i, h in enumerate(self.heads)][0]
+
+    def last_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _cat_heads([h.last_block() for h in self.heads])
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _cat_heads([h.materialize() for h in self.heads])
+
+
+def _cat_heads(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])

@@ -39,7 +39,7 @@ class PrefillReport:
     store_s: float = 0.0  # writing newly computed chunk KV into the store
     gate_fired: int = 0  # chunks the quality gate sent to full recompute
     tier_hits: dict[str, int] = field(default_factory=dict)
-    kv_layer_bits: list[tuple[int, int]] | None = None  # (key, value) bits per layer with --kv-alloc mixed
+    kv_head_bits: list | None = None  # [layer][kv head] = [key bits, value bits] with --kv-alloc mixed
 
     @property
     def reused_tokens(self) -> int:

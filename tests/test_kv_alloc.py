@@ -17,7 +17,7 @@ from kvstash.kv_alloc import allocate_bits, sensitivity
 from kvstash.kv_quant import QuantizedKVCache, quantize_cache
 from kvstash.prompt import Segment
 from kvstash.quant import quantized_tensor_nbytes
-from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
+from kvstash.quant_cache import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
 from kvstash.sampling import SamplingParams
 
 L, KVH, D = 3, 3, 64
@@ -70,7 +70,7 @@ def test_allocation_refuses_bad_input() -> None:
         allocate_bits(torch.ones(5))
 
 
-# --- per-layer widths in the packed cache -------------------------------------------------------------------
+# --- per-head widths in the packed cache -------------------------------------------------------------------
 def _cache(n: int) -> KVCache:
     g = torch.Generator().manual_seed(0)
     cache = KVCache(L, KVH, D, torch.float32, capacity=n)
@@ -97,21 +97,50 @@ def test_layer_cache_packs_keys_and_values_at_their_own_widths() -> None:
 def test_a_balanced_allocation_holds_the_bytes_of_uniform_4_bit() -> None:
     dense = _cache(300)
     uniform = quantize_cache(dense, 4)
-    mixed = quantize_cache(dense, 4, [(8, 4), (2, 2), (4, 4)])
+    bits = torch.full((L, KVH, 2), 4)
+    bits[0, :, 0] = 8  # layer 0: every head's keys at 8 bits ...
+    bits[1] = 2  # ... paid for by all of layer 1 at 2 bits
+    bits[2, 1, 1], bits[2, 0, 0], bits[2, 2, 0] = 8, 2, 2  # layer 2: one head's values up, two heads' keys down
+    mixed = quantize_cache(dense, 4, bits)
     assert mixed.nbytes == uniform.nbytes
-    assert [s.config.key_bits for s in mixed.stores] == [8, 2, 4]
-    k_u, _, _ = uniform.layer(0)
-    k_m, _, _ = mixed.layer(0)
-    k0, _, _ = dense.layer(0)
-    assert (k_m - k0).abs().max() < (k_u - k0).abs().max() / 8  # layer 0's keys at 8 bits
-    with pytest.raises(ValueError, match="one \\(key_bits, value_bits\\) pair per layer"):
-        quantize_cache(dense, 4, [(8, 4)])
+    assert isinstance(mixed.stores[0], QuantizedLayerCache) and mixed.stores[0].config.key_bits == 8
+    assert isinstance(mixed.stores[2], HeadwiseLayerCache)
+    assert [(h.config.key_bits, h.config.value_bits) for h in mixed.stores[2].heads] == [(2, 4), (4, 8), (2, 4)]
+    for layer, head, what, finer in ((0, 0, 0, True), (2, 1, 1, True), (2, 0, 0, False)):
+        exact, got_u, got_m = (c.layer(layer)[what][head] for c in (dense, uniform, mixed))
+        err_u, err_m = (got_u - exact).abs().max(), (got_m - exact).abs().max()
+        assert err_m < err_u / 8 if finer else err_m > err_u * 3, (layer, head, what, err_u, err_m)
+    with pytest.raises(ValueError, match="head_bits must be \\[layers, kv_heads, 2\\]"):
+        quantize_cache(dense, 4, torch.full((L, 2), 4))
+
+
+def test_headwise_layer_cache_is_its_heads_side_by_side() -> None:
+    cfgs = [KVQuantConfig(bits=4, group_size=32, residual=8, sinks=1, key_bits=b, value_bits=b) for b in (2, 4, 8)]
+    k, v = torch.randn(KVH, 150, D), torch.randn(KVH, 150, D)
+    whole, split = HeadwiseLayerCache(cfgs), HeadwiseLayerCache(cfgs)
+    whole.append(k, v)
+    for s in range(0, 150, 7):  # decoding-like appends quantize the same groups
+        split.append(k[:, s : s + 7], v[:, s : s + 7])
+    alone = [QuantizedLayerCache(c) for c in cfgs]
+    for i, store in enumerate(alone):
+        store.append(k[i : i + 1], v[i : i + 1])
+    want = [torch.cat(parts) for parts in zip(*(s.materialize() for s in alone), strict=True)]
+    for got in (whole.materialize(), split.materialize()):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert whole.nbytes == split.nbytes == sum(s.nbytes for s in alone)
+    assert (whole.num_sinks, whole.num_quantized, whole.num_tokens) == (1, 128, 150)
+    with pytest.raises(ValueError, match="same group size"):
+        HeadwiseLayerCache([cfgs[0], KVQuantConfig(bits=4, group_size=64)])
+    with pytest.raises(ValueError, match="3 heads"):
+        whole.append(k[:2], v[:2])
 
 
 # --- the sensitivity measure --------------------------------------------------------------------------------
 def test_sensitivity_is_the_relative_error_of_the_attention_output(engine) -> None:
-    """Layer by layer, the score equals |o' - o|^2 / |o|^2 computed with the runner's own SDPA attention for
-    the replayed queries, over K/V quantized as the decode cache holds them."""
+    """Per layer and KV head, the score equals |o' - o|^2 / |o|^2 of the outputs of the query heads reading that
+    KV head, computed with the runner's own SDPA attention for the replayed queries, over K/V quantized as the
+    decode cache holds them."""
     r = engine.runner
     ids = engine.tokenizer(" ".join(DOCS * 8))["input_ids"][:200]
     cache = r.new_cache()
@@ -120,9 +149,13 @@ def test_sensitivity_is_the_relative_error_of_the_attention_output(engine) -> No
     window = 16
     finer = KVQuantConfig(bits=8, group_size=32, residual=8, sinks=1)
     both = sensitivity(r, cache, ids, [cfg, finer], window)
-    assert both.shape == (2, r.num_layers, 2) and bool((both > 0).all())
+    assert both.shape == (2, r.num_layers, r.kv_heads, 2) and bool((both > 0).all())
     scores = both[0]
     queries = {}
+
+    def per_kv_head(out: torch.Tensor) -> torch.Tensor:  # [Tq, H * D] -> [KVH, Tq, H/KVH * D]
+        return out.view(out.shape[0], r.kv_heads, -1).transpose(0, 1)
+
     replay = cache.clone()
     replay.truncate(len(ids) - window)  # the same queries, from the runner's own forward
     r.forward(torch.tensor(ids[-window:]), torch.arange(len(ids) - window, len(ids)), replay,
@@ -133,11 +166,14 @@ def test_sensitivity_is_the_relative_error_of_the_attention_output(engine) -> No
         store = QuantizedLayerCache(cfg)
         store.append(k.half(), v.half())
         kq, vq = store.materialize()
-        exact = r.attend(q, k, v, mask)
-        scale = exact.pow(2).sum()
-        want = [(r.attend(q, kq, v, mask) - exact).pow(2).sum(), (r.attend(q, k, vq, mask) - exact).pow(2).sum()]
-        torch.testing.assert_close(scores[layer], torch.stack(want).float() / scale, rtol=1e-3, atol=1e-9)
-    assert bool((both[1] < scores / 20).all())  # 8 bits: far smaller errors
+        exact = per_kv_head(r.attend(q, k, v, mask))  # [KVH, Tq, H/KVH * D]
+        scale = exact.pow(2).sum(dim=(1, 2))
+        want = [
+            (per_kv_head(r.attend(q, kq, v, mask)) - exact).pow(2).sum(dim=(1, 2)) / scale,
+            (per_kv_head(r.attend(q, k, vq, mask)) - exact).pow(2).sum(dim=(1, 2)) / scale,
+        ]
+        torch.testing.assert_close(scores[layer], torch.stack(want, dim=1).float(), rtol=1e-3, atol=1e-9)
+    assert bool((both[1].sum(dim=(1, 2)) < scores.sum(dim=(1, 2)) / 20).all())  # 8 bits: far smaller, every layer
 
 
 # --- wiring ---------------------------------------------------------------------------------------------------
@@ -163,14 +199,13 @@ def test_engine_mixed_cache_reports_its_widths_and_uniform_bytes(engine) -> None
     params = SamplingParams(max_tokens=4)
     uniform = engine.generate(segs, params, kv_bits=4)
     mixed = engine.generate(segs, params, kv_bits=4, kv_alloc="mixed")
-    widths = mixed.summary()["kv_layer_bits"]
-    assert len(widths) == engine.runner.num_layers
-    flat = [b for pair in widths for b in pair]
-    assert sum(flat) == 4 * len(flat) and 8 in flat and 2 in flat
+    widths = torch.tensor(mixed.summary()["kv_head_bits"])
+    assert widths.shape == (engine.runner.num_layers, engine.runner.kv_heads, 2)
+    assert int(widths.sum()) == 4 * widths.numel() and bool((widths == 8).any()) and bool((widths == 2).any())
     assert mixed.kv_bytes == uniform.kv_bytes
-    assert "kv_layer_bits" not in uniform.summary()
+    assert "kv_head_bits" not in uniform.summary()
     pre = engine.prefill(engine.plan(segs), kv_bits=4, kv_alloc="mixed")
-    assert isinstance(pre.cache, QuantizedKVCache) and pre.cache.layer_bits == [tuple(p) for p in widths]
+    assert isinstance(pre.cache, QuantizedKVCache) and torch.equal(pre.cache.head_bits, widths)
 
 
 def test_cli_kv_alloc(capsys) -> None:
@@ -180,7 +215,7 @@ def test_cli_kv_alloc(capsys) -> None:
     args = ["ask", QUESTION, "--doc", doc, "--max-tokens", "2", "--json", "--kv-bits"]
     assert main([*args, "4", "--kv-alloc", "mixed"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["kv_layer_bits"]) == 30
+    assert torch.tensor(out["kv_head_bits"]).shape == (30, 3, 2)
     assert main([*args, "2", "--kv-alloc", "mixed"]) == 2
     assert "use it with --kv-bits 4" in capsys.readouterr().err
 
