@@ -17,8 +17,8 @@ So, after prefill:
    group size, so the packed bytes stay exactly those of uniform 4-bit. A trade is made only while its
    measured gain beats its loss. (The 2-bit loss must be measured: extrapolating it from the 4-bit error as
    ``(15/3)^2 = 25x`` demoted a key tensor whose error grows 480x, and on one prompt the answer KL rose 6x
-   over uniform.) Per KV head rather than per layer halves the answer KL again: a layer's sensitivity often
-   sits in one of its heads.
+   over uniform.) Per KV head rather than per layer lowers the answer KL further (0.0009 -> 0.0005 on needle
+   prompts): a layer's sensitivity often sits in one of its heads.
 
 Every tensor keeps the KIVI layout (keys per channel, values per token, fp16 scale and zero per group of G,
 the same sinks and recent window); only its code width changes.
