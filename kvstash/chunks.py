@@ -116,18 +116,23 @@ class ChunkSource:
         misses are computed) or computed now and stored.
 
         With ``head`` (an exact cache of the prompt head ``head_ids``), chunks are computed behind that head
-        instead of from position 0, so their first tokens are not attention sinks of their own."""
+        instead of from position 0, so their first tokens are not attention sinks of their own. A chunk that
+        appears more than once in the prompt is looked up (or computed) once and shared."""
         keys = [self.standalone_key(s, head_ids) for s in segments]
         out: list[Lookup] = []
+        seen: dict[str, Lookup] = {}
         with Prefetcher(SimpleNamespace(get=self.store.fetch), max_workers=2) as pf:
             pf.start((k, s.token_ids) for k, s in zip(keys, segments, strict=True))
             for key, seg in zip(keys, segments, strict=True):
+                if key in seen:  # a repeated document: its KV is the same chunk, re-positioned by the caller
+                    out.append(seen[key])
+                    continue
                 t = time.perf_counter()
                 found = pf.get(key)
                 stats.load_s += time.perf_counter() - t
                 if found is not None:
                     stats.hit(found.tier)
-                    out.append(Lookup(found.chunk, found.tier))
+                    out.append(seen.setdefault(key, Lookup(found.chunk, found.tier)))
                     continue
                 stats.misses += 1
                 t = time.perf_counter()
@@ -136,7 +141,7 @@ class ChunkSource:
                 t = time.perf_counter()
                 self.store.put(key, chunk)
                 stats.store_s += time.perf_counter() - t
-                out.append(Lookup(chunk, None))
+                out.append(seen.setdefault(key, Lookup(chunk, None)))
         return out
 
     @torch.inference_mode()

@@ -227,3 +227,17 @@ def test_bench_spec_kv4mixed() -> None:
     assert parse_method("full@kv4").engine_kwargs == {"kv_bits": 4}
     with pytest.raises(ValueError, match="use @kv4mixed"):
         parse_method("full@kv2mixed")
+
+
+def test_mixed_cache_after_blending_from_a_packed_store(lm) -> None:
+    """Composes: chunks from a kivi4 store, blended, then the decode cache allocated and packed."""
+    from kvstash.engine import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(store="ram:64MiB", codec="kivi4"), loaded=lm)
+    segs = [Segment(d) for d in DOCS * 3] + [Segment(QUESTION, "user")]
+    params = SamplingParams(max_tokens=8)
+    eng.generate(segs, params, reuse="blend")  # computes and stores the chunks
+    uniform = eng.generate(segs, params, reuse="blend", kv_bits=4)
+    mixed = eng.generate(segs, params, reuse="blend", kv_bits=4, kv_alloc="mixed")
+    assert mixed.prefill.reused_tokens > 0 and mixed.kv_bytes == uniform.kv_bytes
+    assert "polonium" in mixed.text.lower(), mixed.text

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvstash.blend import BlendConfig, BlendReuse, CacheBlendReuse, NaiveReuse, PrefixReuse
-from kvstash.chunks import ChunkSource
+from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.prompt import Segment
 from kvstash.reuse import FullPrefill, make_method
 from kvstash.rope import Rope
@@ -44,6 +44,25 @@ def test_blend_ratio_one_equals_full_prefill(engine, source):
     assert pre.report.reused_tokens > 0  # the chunks did come from the store
     assert _max_diff(pre.last_logits, full.last_logits) < 1e-3
     assert _max_diff(pre.cache.keys, full.cache.keys) < 1e-3
+
+
+def test_a_document_repeated_in_one_prompt_is_looked_up_once(engine, source):
+    """The same passage twice (retrievers return duplicates): computed once on a miss, loaded once on a hit,
+    placed at both positions; blend r=1 still equals full prefill."""
+    plan = _plan(engine, (2, 0, 2))
+    docs = [i for i, seg in enumerate(plan.segments) if seg.kind == "document"]
+    segs = [plan.segments[i] for i in docs]
+    cold, warm = ChunkStats(), ChunkStats()
+    first = source.standalone(segs, cold)
+    assert cold.misses == 2 and first[0] is first[2]  # computed once, shared
+    second = source.standalone(segs, warm)
+    assert warm.misses == 0 and warm.tier_hits == {"ram": 2} and second[0] is second[2]
+    again = BlendReuse(BlendConfig(ratio=1.0)).prefill(engine.runner, plan, source)
+    for i in docs:
+        rep = again.report.segments[i]
+        assert (rep.tier, rep.reused) == ("ram", len(plan.segments[i].token_ids))
+    full = FullPrefill().prefill(engine.runner, plan)
+    assert _max_diff(again.last_logits, full.last_logits) < 1e-3
 
 
 def test_blend_ratio_zero_equals_naive(engine, source):
