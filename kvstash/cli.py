@@ -181,9 +181,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-alloc",
         choices=("uniform", "mixed"),
-        help="with --kv-bits 4: 'mixed' measures how much each layer's keys and values suffer from 4 bits and "
-        "gives the most sensitive 8 bits, paid for by the least sensitive at 2, for the same bytes "
-        "(default: uniform)",
+        help="with --kv-bits 4: 'mixed' measures how much each KV head's keys and values suffer at 2, 4 and 8 "
+        "bits and gives 8 bits to those that gain most, paid for by those that lose least at 2, for the same "
+        "bytes (default: uniform)",
     )
     p.add_argument(
         "--evict",

@@ -1,5 +1,5 @@
 """Compression of the decode cache after prefill: evict first (:mod:`kvstash.evict`), then quantize
-(:mod:`kvstash.kv_quant`), uniformly or with per-layer widths (:mod:`kvstash.kv_alloc`). What ``--evict``,
+(:mod:`kvstash.kv_quant`), uniformly or with per-KV-head widths (:mod:`kvstash.kv_alloc`). What ``--evict``,
 ``--kv-bits`` and ``--kv-alloc`` (``evict=``, ``kv_bits=``, ``kv_alloc=``) turn into."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kvstash.evict import DecodeEvictor, EvictionPolicy, parse_evict, start_eviction
 from kvstash.forward import Runner
-from kvstash.kv_alloc import KV_ALLOCS, allocate_head_bits
+from kvstash.kv_alloc import KV_ALLOCS, STEPS, allocate_head_bits
 from kvstash.kv_quant import quantize_cache
 from kvstash.quant_cache import KV_BITS
 from kvstash.reuse import Prefilled
@@ -18,7 +18,7 @@ from kvstash.reuse import Prefilled
 class Compression:
     evict: EvictionPolicy | None = None  # applied to the prompt's cache right after prefill
     kv_bits: int | None = None  # 2, 4, 8, or 16 (fp16); None: the cache stays in the compute dtype
-    kv_alloc: str = "uniform"  # uniform | mixed (per-layer key/value widths around 4 bits, same bytes)
+    kv_alloc: str = "uniform"  # uniform | mixed (per-KV-head key/value widths around 4 bits, same bytes)
 
     @classmethod
     def parse(
@@ -32,9 +32,9 @@ class Compression:
         kv_alloc = kv_alloc or "uniform"
         if kv_alloc not in KV_ALLOCS:
             raise ValueError(f"--kv-alloc must be one of {', '.join(KV_ALLOCS)}, got {kv_alloc!r}")
-        if kv_alloc == "mixed" and kv_bits != 4:
+        if kv_alloc == "mixed" and kv_bits not in STEPS:
             raise ValueError(
-                "--kv-alloc mixed trades 2- and 8-bit layers around 4 bits: use it with --kv-bits 4 "
+                "--kv-alloc mixed trades 2- and 8-bit tensors around 4 bits: use it with --kv-bits 4 "
                 + (f"(got {kv_bits})" if kv_bits is not None else "(--kv-bits was not given)")
             )
         policy = parse_evict(evict) if isinstance(evict, str) else evict

@@ -181,7 +181,7 @@ class Engine:
 
         ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress the prompt's
         cache after prefill: evict first, then quantize; ``kv_alloc="mixed"`` (with ``kv_bits=4``) gives each
-        layer's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
+        KV head's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
         params = params or SamplingParams()
         t0 = time.perf_counter()
         plan = self.plan(segments)

@@ -42,6 +42,13 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None)
     return scores.softmax(dim=-1).view(h, t, n)
 
 
+def read_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention output grouped by KV head: probs [H, T, n], v [KVH, n, D] -> [KVH, H/KVH * T, D] (query head
+    h reads KV head h // (H / KVH), rows ordered (query head, token) within a KV head)."""
+    heads, t, n = probs.shape
+    return probs.to(v.dtype).reshape(v.shape[0], heads // v.shape[0] * t, n) @ v
+
+
 def votes_per_kv_head(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Attention summed over the queries, averaged over each KV head's query heads: [H, Tq, n] -> [KVH, n]."""
     h, _, n = probs.shape
@@ -74,9 +81,8 @@ def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: i
             probs = attention_probs(q, k, mask)  # [H, T, e]
             observe(i, q, probs, mask)
             if i + 1 < runner.num_layers:
-                heads, kvh = probs.shape[0], cache.kv_heads
-                out = probs.to(v.dtype).view(kvh, heads // kvh * (e - s), e) @ v  # [KVH, G * T, D]
-                h = runner.finish(i, h, out.view(heads, e - s, -1).transpose(0, 1).reshape(e - s, -1))
+                out = read_values(probs, v).view(probs.shape[0], e - s, -1)  # [H, T, D]
+                h = runner.finish(i, h, out.transpose(0, 1).reshape(e - s, -1))
 
 
 def attention_votes(runner: Runner, cache: KVCache, token_ids, start: int, end: int, block: int = 512):

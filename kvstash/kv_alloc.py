@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from kvstash.evict import attention_probs, replay_queries
+from kvstash.evict import attention_probs, read_values, replay_queries
 from kvstash.forward import Runner
 from kvstash.kv import KVCache
 from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
@@ -81,13 +81,6 @@ def _take(order, skip: int, bits: torch.Tensor, k: int) -> list[int]:
     return out
 
 
-def _read(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention output per KV head: probs [H, T, n], v [KVH, n, D] -> [KVH, H/KVH * T, D] (grouped-query)."""
-    heads, t, n = probs.shape
-    kvh = v.shape[0]
-    return probs.reshape(kvh, heads // kvh * t, n) @ v.float()
-
-
 @torch.inference_mode()
 def sensitivity(
     runner: Runner, cache: KVCache, token_ids, configs: list[KVQuantConfig], window: int = 32
@@ -102,14 +95,17 @@ def sensitivity(
 
     def observe(layer: int, q: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
         k, v, _ = cache.layer(layer)
-        exact = _read(probs, v)  # [KVH, G * T, D]
+        v = v.float()
+        exact = read_values(probs, v)  # [KVH, G * T, D]
         scale = exact.pow(2).sum(dim=(1, 2)).clamp_min(1e-30)  # [KVH]
         for c, config in enumerate(configs):
             store = QuantizedLayerCache(config)
             store.append(k.half(), v.half())
             kq, vq = store.materialize()  # [KVH, n, D] what the decode cache would read
-            errors[c, layer, :, 0] = (_read(attention_probs(q, kq, mask), v) - exact).pow(2).sum(dim=(1, 2)) / scale
-            errors[c, layer, :, 1] = (_read(probs, vq) - exact).pow(2).sum(dim=(1, 2)) / scale
+            errors[c, layer, :, 0] = (read_values(attention_probs(q, kq, mask), v) - exact).pow(2).sum(
+                dim=(1, 2)
+            ) / scale
+            errors[c, layer, :, 1] = (read_values(probs, vq) - exact).pow(2).sum(dim=(1, 2)) / scale
 
     replay_queries(runner, cache, token_ids, max(0, n - window), n, observe, block=window)
     return errors

@@ -7,7 +7,7 @@ Grammar (each spec): ``NAME[:RATIO][+CODEC][@kvBITS][@POLICY:BUDGET]``
   continuing a cached copy of the shared prompt head).
 - ``+CODEC``: how chunk KV is encoded in the store (``fp16``, ``kivi4``, ...), e.g. ``blend:0.15+kivi4``.
 - ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``);
-  ``@kv4mixed``: 4 bits on average, each layer's keys and values at 2, 4 or 8 by sensitivity (``kv_alloc=``).
+  ``@kv4mixed``: 4 bits on average, each KV head's keys and values at 2, 4 or 8 by sensitivity (``kv_alloc=``).
 - ``@POLICY:BUDGET``: evict prompt KV with a policy, e.g. ``full@snapkv:0.25`` (passed as ``evict=``).
 
 The compression fields are handed to the engine only when set, so plain specs work on any engine.
@@ -36,7 +36,7 @@ class MethodSpec:
     codec: str | None = None  # chunk store codec for this method's store (None: the engine's default)
     kv_bits: int | None = None  # working-cache quantization bits (None: off)
     evict: str | None = None  # eviction policy spec, e.g. ``snapkv:0.25`` (None: off)
-    kv_alloc: str | None = None  # "mixed": per-layer widths around kv_bits (None: uniform)
+    kv_alloc: str | None = None  # "mixed": per-KV-head widths around kv_bits (None: uniform)
 
     def __post_init__(self) -> None:
         if self.is_baseline:
