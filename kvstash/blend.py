@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.evict import attention_probs
@@ -149,6 +150,7 @@ class BlendConfig:
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
     query_share: float = 0.5  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
     focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
+    focus_pool: int = 0  # odd window: a token's focus is the max over its neighbours' (spans, not lone tokens)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
@@ -165,6 +167,8 @@ class BlendConfig:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
         if not 0.0 <= self.query_share <= 1.0:
             raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
+        if self.focus_pool < 0 or (self.focus_pool and self.focus_pool % 2 == 0):
+            raise ValueError(f"focus_pool must be 0 (off) or an odd window of tokens, got {self.focus_pool}")
         if self.gate is not None and self.gate <= 0:
             raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
 
@@ -290,6 +294,8 @@ class BlendReuse(_PartialPrefill):
     def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observer: Observer | None = None):
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
             layout.focus = question_focus(runner, cache, layout)
+            if self.cfg.focus_pool > 1:
+                layout.focus = pool_focus(layout.focus, layout.reused, self.cfg.focus_pool)
         return super().run_layers(runner, cache, layout, observer)
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
@@ -336,6 +342,13 @@ class CacheBlendReuse(BlendReuse):
 
     def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
         super().__init__(replace(cfg or BlendConfig(), query_share=0.0), prefill_chunk)
+
+
+def pool_focus(focus: torch.Tensor, reused: torch.Tensor, window: int) -> torch.Tensor:
+    """Spread each token's focus over its neighbours: the max over an odd ``window`` centred on the token,
+    plus a small share of the token's own focus to break ties. focus, reused: [R] -> [R] (0 where computed)."""
+    spread = F.max_pool1d(focus[None, None], window, stride=1, padding=window // 2)[0, 0]  # [R]
+    return (spread + 1e-3 * focus).masked_fill(~reused, 0.0)
 
 
 @torch.inference_mode()

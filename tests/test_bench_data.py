@@ -20,7 +20,7 @@ from kvstash.bench import (
     normalize_answer,
     summarize,
 )
-from kvstash.bench.datasets import DATA_ENV, FILES
+from kvstash.bench.datasets import DATA_ENV, FILES, NEEDLE_ASK
 
 # ---------------------------------------------------------------- metrics
 
@@ -126,7 +126,7 @@ def test_nq_gold_is_the_rows_passage(data_dir):
     assert e.documents[1].startswith("List of Nobel laureates in Physics\nThe first Nobel Prize")
 
 
-@pytest.mark.parametrize("name", ["nq", "squad", "kv", "needle"])
+@pytest.mark.parametrize("name", ["nq", "squad", "kv", "needle", "needle-code"])
 def test_deterministic_per_seed_and_prefix_stable(data_dir, name):
     a = load_dataset(name, n=4, passages=4, seed=7, data_dir=data_dir)
     b = load_dataset(name, n=4, passages=4, seed=7, data_dir=data_dir)
@@ -207,3 +207,13 @@ def test_missing_file_names_path_and_option(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "elsewhere"))
     with pytest.raises(FileNotFoundError, match="elsewhere"):
         load_dataset("squad", n=1)
+
+
+def test_needle_code_is_needle_with_the_instruction(data_dir):
+    bare = load_dataset("needle", n=4, passages=4, seed=3, data_dir=data_dir)
+    code = load_dataset("needle-code", n=4, passages=4, seed=3, data_dir=data_dir)
+    for b, c in zip(bare, code, strict=True):
+        assert c.documents == b.documents and c.answers == b.answers and c.meta == b.meta
+        assert c.question == f"{b.question} {NEEDLE_ASK}" and c.id == b.id.replace("needle", "needle-code")
+    deep = load_dataset("needle-code", n=2, passages=4, seed=3, depth=1.0, data_dir=data_dir)
+    assert all(e.meta["gold_index"] == 3 for e in deep)

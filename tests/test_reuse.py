@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from kvstash.blend import BlendConfig, BlendReuse, CacheBlendReuse, NaiveReuse, PrefixReuse
+from kvstash.blend import BlendConfig, BlendReuse, CacheBlendReuse, NaiveReuse, PrefixReuse, pool_focus
 from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.prompt import Segment
 from kvstash.reuse import FullPrefill, make_method
@@ -209,3 +209,16 @@ def test_selection_functions_on_constructed_cases():
     assert chunk_heads(torch.tensor([5, 5, 5, 7, 7, 9]), 2).tolist() == [True, True, False, True, True, True]
     chosen, fired = gate(torch.tensor([0.1, 0.1, 0.9, 0.8]), torch.tensor([0, 0, 1, 1]), 0.5)
     assert fired == 1 and chosen.tolist() == [False, False, True, True]
+
+
+def test_pool_focus_spreads_a_peak_over_its_neighbours():
+    focus = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    reused = torch.ones(10, dtype=torch.bool)
+    reused[4] = False  # a computed token keeps focus 0
+    got = pool_focus(focus, reused, 3)
+    want = torch.tensor([0.0, 0.0, 5.0, 5.005, 0.0, 0.0, 0.0, 1.0, 1.001, 1.0])
+    assert torch.allclose(got, want)
+    assert got.argmax() == 3
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="focus_pool"):
+            BlendConfig(focus_pool=bad)

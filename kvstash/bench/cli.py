@@ -9,7 +9,7 @@ from dataclasses import replace
 from kvstash.bench.methods import BASELINES, DEFAULT_METHODS
 from kvstash.models import DEFAULT_MODEL
 
-DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle")
+DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle", "needle-code")
 METHODS_HELP = f"""\
 methods (--methods, comma-separated; plain full is always run first, as the reference):
   full | prefix | naive | blend[:RATIO] | cacheblend[:RATIO]    kvstash reuse methods (cacheblend: plain CacheBlend)
@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="DIR", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data files (default ../shared/data)")
     p.add_argument("--gold-position", type=_gold_position, help="nq/squad/kv: index, first, middle, last or random")
-    p.add_argument("--depth", type=_depth, help="needle: depth in [0, 1] or random (default random)")
+    p.add_argument("--depth", type=_depth, help="needle, needle-code: depth in [0, 1] or random (default random)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -28,6 +28,7 @@ FILES = {
     "squad": "squad_dev_v1.1.json",
     "kv": "kv-retrieval-75_keys.jsonl.gz",
     "needle": "musique_s.json",  # the haystack is real musique passages
+    "needle-code": "musique_s.json",
 }
 POSITIONS = ("random", "first", "middle", "last")
 NEEDLE_NOUNS = (
@@ -266,8 +267,14 @@ def _insert_at_sentence(text: str, needle: str, frac: float) -> tuple[str, int]:
     return f"{text[:at]}{needle} {text[at:]}", at
 
 
-def _load_needle(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random") -> list[Example]:
-    """A generated fact hidden in real musique passages at ``depth`` (0 = first sentence, 1 = last)."""
+NEEDLE_ASK = "Reply with the six-digit number."  # needle-code's instruction after the question
+
+
+def _load_needle(
+    path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random", ask: str = ""
+) -> list[Example]:
+    """A generated fact hidden in real musique passages at ``depth`` (0 = first sentence, 1 = last); ``ask``
+    (an answer-format instruction) follows the question."""
     if n is None or n < 0:
         raise ValueError(f"needle: n={n}; pass n >= 0, the number of examples to generate")
     if not (depth == "random" or (isinstance(depth, int | float) and 0.0 <= depth <= 1.0)):
@@ -285,9 +292,16 @@ def _load_needle(path: Path, n: int | None, passages: int, seed: int, depth: flo
         idx = min(int(d * passages), passages - 1)
         docs[idx], offset = _insert_at_sentence(docs[idx], needle, d * passages - idx)
         meta = {"gold_index": idx, "depth": d, "needle": needle, "offset": offset}
-        question = f"What is the secret code of the {noun} project?"
-        out.append(Example(f"needle_{seed}_{i}", question, docs, [code], meta))
+        question = f"What is the secret code of the {noun} project?" + (f" {ask}" if ask else "")
+        out.append(Example(f"{'needle-code' if ask else 'needle'}_{seed}_{i}", question, docs, [code], meta))
     return out
+
+
+def _load_needle_code(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random"):
+    """The needle prompts (same passages, codes and depths per seed) with the question followed by
+    :data:`NEEDLE_ASK`. With full prefill SmolLM2-135M finds the code in 6 of the first 20 bare needle prompts
+    (it often calls it "a code of conduct") and in 15 of the same 20 with the instruction."""
+    return _load_needle(path, n, passages, seed, depth, ask=NEEDLE_ASK)
 
 
 LOADERS: dict[str, Callable[..., list[Example]]] = {
@@ -297,6 +311,7 @@ LOADERS: dict[str, Callable[..., list[Example]]] = {
     "squad": _load_squad,
     "kv": _load_kv,
     "needle": _load_needle,
+    "needle-code": _load_needle_code,
 }
 
 
@@ -324,7 +339,7 @@ def load_dataset(
     """Load ``n`` examples (all when None; needle requires n) of dataset ``name`` with ``passages`` each.
 
     opts: nq/squad/kv take ``gold_position`` (int index, "random", "first", "middle", "last"; kv defaults
-    to the file's order), needle takes ``depth`` (float in [0, 1] or "random").
+    to the file's order), needle and needle-code take ``depth`` (float in [0, 1] or "random").
     Raises ValueError for an unknown name/option or out-of-range arguments, FileNotFoundError when the
     data file is missing. Reads are cached per file; the returned examples are fresh objects.
     """
