@@ -148,7 +148,7 @@ class BlendConfig:
     sink: int = 0  # always recompute the first ``sink`` tokens of every reused chunk
     head_context: bool = False  # chunk KV computed behind the prompt head (system prompt), not from 0
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
-    query_share: float = 0.5  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
+    query_share: float = 0.75  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
     focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
     focus_pool: int = 0  # odd window: a token's focus is the max over its neighbours' (spans, not lone tokens)
 

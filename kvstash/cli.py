@@ -170,7 +170,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="S",
         help="blend: share of the recompute budget spent on the reused tokens the question attends to most "
-        "(found by a cheap naive pass); the rest goes by KV deviation. 0 = plain CacheBlend",
+        "(found by a cheap naive pass); the rest goes by KV deviation. 0 = plain CacheBlend (default 0.75)",
     )
     p.add_argument(
         "--kv-bits",

@@ -172,7 +172,7 @@ def test_make_method_parses_specs_and_rejects_bad_ones():
     assert make_method("blend:0.3").cfg.ratio == 0.3
     assert make_method("blend", ratio=0.2, check_layer=2).cfg.check_layer == 2
     assert make_method("prefix").name == "prefix" and make_method("naive").name == "naive"
-    assert make_method("blend").cfg.query_share == 0.5  # question-focused by default
+    assert make_method("blend").cfg.query_share == 0.75  # question-focused by default
     plain = make_method("cacheblend:0.2")
     assert plain.name == "cacheblend" and plain.cfg.ratio == 0.2 and plain.cfg.query_share == 0.0
     with pytest.raises(ValueError, match="use blend with --query-share"):
