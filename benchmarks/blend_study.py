@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict | None] = {
     "blend r=0.15 question 1.0": dict(ratio=0.15, query_share=1.0),
     "blend r=0.15 question 0.5 pool 15": dict(ratio=0.15, query_share=0.5, focus_pool=15),
     "blend r=0.15 question 0.75 sink=4": dict(ratio=0.15, query_share=0.75, sink=4),
+    "blend r=0.15 question 0.75 from 10": dict(ratio=0.15, query_share=0.75, focus_from=10),
+    "blend r=0.15 question 0.75 from 20": dict(ratio=0.15, query_share=0.75, focus_from=20),
     "blend r=0.15 question 0.75 head-ctx": dict(ratio=0.15, query_share=0.75, head_context=True),
     "blend r=0.15 question 0.25": dict(ratio=0.15, query_share=0.25),
     "blend r=0.15 question chunk 1.0": dict(ratio=0.15, query_share=1.0, focus_by_chunk=True),

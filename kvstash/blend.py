@@ -151,6 +151,7 @@ class BlendConfig:
     query_share: float = 0.75  # share of the budget for the tokens the question attends to (0: plain CacheBlend)
     focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
     focus_pool: int = 0  # odd window: a token's focus is the max over its neighbours' (spans, not lone tokens)
+    focus_from: int = 0  # the question's attention is summed from this layer on (earlier layers ignored)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
@@ -169,6 +170,8 @@ class BlendConfig:
             raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
         if self.focus_pool < 0 or (self.focus_pool and self.focus_pool % 2 == 0):
             raise ValueError(f"focus_pool must be 0 (off) or an odd window of tokens, got {self.focus_pool}")
+        if self.focus_from < 0:
+            raise ValueError(f"focus_from must be a layer index >= 0, got {self.focus_from}")
         if self.gate is not None and self.gate <= 0:
             raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
 
@@ -293,7 +296,7 @@ class BlendReuse(_PartialPrefill):
 
     def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observer: Observer | None = None):
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-            layout.focus = question_focus(runner, cache, layout)
+            layout.focus = question_focus(runner, cache, layout, self.cfg.focus_from)
             if self.cfg.focus_pool > 1:
                 layout.focus = pool_focus(layout.focus, layout.reused, self.cfg.focus_pool)
         return super().run_layers(runner, cache, layout, observer)
@@ -352,10 +355,11 @@ def pool_focus(focus: torch.Tensor, reused: torch.Tensor, window: int) -> torch.
 
 
 @torch.inference_mode()
-def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tensor:
+def question_focus(runner: Runner, cache: KVCache, layout: Layout, first_layer: int = 0) -> torch.Tensor:
     """How much the question attends to each reused token, from a naive probe: a :class:`NaiveReuse` pass
     (the computed tokens over the re-positioned chunk KV) whose queries after the last reused token (the
-    question and the answer's glue) have their attention summed over layers, heads and queries.
+    question and the answer's glue) have their attention summed over heads, queries and the layers from
+    ``first_layer`` on.
     Returns [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
@@ -364,7 +368,12 @@ def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tens
     asks = rows > int(layout.reused.nonzero().max())  # [A] the question's rows among them
     focus = torch.zeros(cache.length)
 
+    if not 0 <= first_layer < runner.num_layers:
+        raise ValueError(f"focus_from={first_layer}: the model has layers 0..{runner.num_layers - 1}")
+
     def observe(layer, q, k_all, mask) -> None:
+        if layer < first_layer:
+            return
         focus.add_(attention_probs(q[:, asks], k_all, mask[asks]).sum(dim=(0, 1)))  # [H, Tq, n] -> [n]
 
     NaiveReuse().run_layers(runner, cache, layout, observe)

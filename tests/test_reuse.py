@@ -222,3 +222,14 @@ def test_pool_focus_spreads_a_peak_over_its_neighbours():
     for bad in (-1, 4):
         with pytest.raises(ValueError, match="focus_pool"):
             BlendConfig(focus_pool=bad)
+
+
+def test_focus_from_layer_is_checked(engine, source):
+    plan = _plan(engine, (2, 0, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    with pytest.raises(ValueError, match="focus_from=99: the model has layers 0..29"):
+        BlendReuse(BlendConfig(focus_from=99)).prefill(engine.runner, plan, source)
+    with pytest.raises(ValueError, match="focus_from"):
+        BlendConfig(focus_from=-1)
+    late = BlendReuse(BlendConfig(ratio=0.2, query_share=1.0, focus_from=29)).prefill(engine.runner, plan, source)
+    assert late.report.recomputed_tokens > 0
