@@ -231,5 +231,7 @@ def test_focus_from_layer_is_checked(engine, source):
         BlendReuse(BlendConfig(focus_from=99)).prefill(engine.runner, plan, source)
     with pytest.raises(ValueError, match="focus_from"):
         BlendConfig(focus_from=-1)
-    late = BlendReuse(BlendConfig(ratio=0.2, query_share=1.0, focus_from=29)).prefill(engine.runner, plan, source)
-    assert late.report.recomputed_tokens > 0
+    focus = {f: BlendReuse(BlendConfig(ratio=0.2, query_share=1.0, focus_from=f)) for f in (0, 29)}
+    first, last = (m.prefill(engine.runner, plan, source) for m in focus.values())
+    assert first.report.recomputed_tokens == last.report.recomputed_tokens  # the same budget
+    assert _max_diff(first.last_logits, last.last_logits) > 0  # spent on other tokens: the last layer alone

@@ -270,20 +270,29 @@ def _insert_at_sentence(text: str, needle: str, frac: float) -> tuple[str, int]:
 NEEDLE_ASK = "Reply with the six-digit number."  # needle-code's instruction after the question
 
 
-def _load_needle(
-    path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random", ask: str = ""
-) -> list[Example]:
-    """A generated fact hidden in real musique passages at ``depth`` (0 = first sentence, 1 = last); ``ask``
-    (an answer-format instruction) follows the question."""
+def _load_needle(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random") -> list[Example]:
+    """A generated fact hidden in real musique passages at ``depth`` (0 = first sentence, 1 = last)."""
+    return _needles(path, n, passages, seed, depth, "needle", ask="")
+
+
+def _load_needle_code(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random"):
+    """The needle prompts (same passages, codes and depths per seed) with the question followed by
+    :data:`NEEDLE_ASK`. With full prefill (6 passages, seed 0) SmolLM2-135M finds the code in 6 of the first 20
+    bare needle prompts (it often calls it "a code of conduct") and in 15 of the same 20 with the instruction."""
+    return _needles(path, n, passages, seed, depth, "needle-code", ask=NEEDLE_ASK)
+
+
+def _needles(path: Path, n, passages: int, seed: int, depth, name: str, ask: str) -> list[Example]:
+    """Needle examples named ``{name}_{seed}_{i}``; ``ask`` (an instruction, or "") follows the question."""
     if n is None or n < 0:
-        raise ValueError(f"needle: n={n}; pass n >= 0, the number of examples to generate")
+        raise ValueError(f"{name}: n={n}; pass n >= 0, the number of examples to generate")
     if not (depth == "random" or (isinstance(depth, int | float) and 0.0 <= depth <= 1.0)):
-        raise ValueError(f"needle: depth={depth!r} must be a number in [0, 1] or 'random'")
+        raise ValueError(f"{name}: depth={depth!r} must be a number in [0, 1] or 'random'")
     pool = [_doc(c["title"], c["text"]) for r in _read(path) for c in r["ctxs"]]
-    _check_passages(passages, len(pool), "needle")
+    _check_passages(passages, len(pool), name)
     out = []
     for i in range(n):
-        rng = _rng(seed, "needle", i)
+        rng = _rng(seed, "needle", i)  # keyed on "needle": needle-code has the same passages and codes
         noun = rng.choice(NEEDLE_NOUNS)
         code = str(rng.randint(100_000, 999_999))
         needle = f"The secret code of the {noun} project is {code}."
@@ -293,15 +302,8 @@ def _load_needle(
         docs[idx], offset = _insert_at_sentence(docs[idx], needle, d * passages - idx)
         meta = {"gold_index": idx, "depth": d, "needle": needle, "offset": offset}
         question = f"What is the secret code of the {noun} project?" + (f" {ask}" if ask else "")
-        out.append(Example(f"{'needle-code' if ask else 'needle'}_{seed}_{i}", question, docs, [code], meta))
+        out.append(Example(f"{name}_{seed}_{i}", question, docs, [code], meta))
     return out
-
-
-def _load_needle_code(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random"):
-    """The needle prompts (same passages, codes and depths per seed) with the question followed by
-    :data:`NEEDLE_ASK`. With full prefill SmolLM2-135M finds the code in 6 of the first 20 bare needle prompts
-    (it often calls it "a code of conduct") and in 15 of the same 20 with the instruction."""
-    return _load_needle(path, n, passages, seed, depth, ask=NEEDLE_ASK)
 
 
 LOADERS: dict[str, Callable[..., list[Example]]] = {
