@@ -23,7 +23,7 @@ from kvstash.kv import KVCache
 from kvstash.prompt import PromptPlan
 from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, SegmentReport, compute_tokens, register_method
 from kvstash.rope import reposition
-from kvstash.selection import chunk_heads, deviation, gate, top_share
+from kvstash.selection import chunk_heads, deviation, gate, segment_means, top_share
 
 
 def _require(chunks: ChunkSource | None, name: str) -> ChunkSource:
@@ -138,6 +138,9 @@ def lay_out(
     return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
 
 
+FOCUS_SCOPES = ("global", "chunk", "relative")
+
+
 @dataclass(frozen=True)
 class BlendConfig:
     ratio: float = 0.15  # share of reused tokens recomputed in every layer after the last check layer
@@ -152,6 +155,8 @@ class BlendConfig:
     focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
     focus_pool: int = 0  # odd window: a token's focus is the max over its neighbours' (spans, not lone tokens)
     focus_from: int = 0  # the question's attention is summed from this layer on (earlier layers ignored)
+    focus_scope: str = "global"  # global: top focus over the prompt | chunk: top per chunk by size | relative:
+    # focus divided by its chunk's mean, then global (the question's pull to the nearest chunk discounted)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(float(x) for x in self.schedule))
@@ -170,6 +175,8 @@ class BlendConfig:
             raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
         if self.focus_pool < 0 or (self.focus_pool and self.focus_pool % 2 == 0):
             raise ValueError(f"focus_pool must be 0 (off) or an odd window of tokens, got {self.focus_pool}")
+        if self.focus_scope not in FOCUS_SCOPES:
+            raise ValueError(f"focus_scope must be one of {', '.join(FOCUS_SCOPES)}, got {self.focus_scope!r}")
         if self.focus_from < 0:
             raise ValueError(f"focus_from must be a layer index >= 0, got {self.focus_from}")
         if self.gate is not None and self.gate <= 0:
@@ -260,8 +267,13 @@ class _PartialPrefill(ReuseMethod):
         return runner.logits(h[-1:])[0], chosen, fired
 
     def attend(self, runner: Runner, q, k_all, v_all, mask) -> torch.Tensor:
-        step = self.prefill_chunk
-        outs = [runner.attend(q[:, s : s + step], k_all, v_all, mask[s : s + step]) for s in range(0, q.shape[1], step)]
+        """Attention in blocks of ``prefill_chunk`` queries; each block reads the keys up to the last one it may
+        see (the keys after it are masked for every query of the block: leaving them out changes only the cost)."""
+        step, outs = self.prefill_chunk, []
+        for s in range(0, q.shape[1], step):
+            block = mask[s : s + step]  # [Tb, n]
+            n = int(block.any(dim=0).nonzero().max()) + 1
+            outs.append(runner.attend(q[:, s : s + step], k_all[:, :n], v_all[:, :n], block[:, :n]))
         return torch.cat(outs)
 
     def checks_at(self, layer: int) -> bool:
@@ -326,10 +338,11 @@ class BlendReuse(_PartialPrefill):
             n_focus = round(cfg.query_share * budget)
             focus = layout.focus[idx]
             if cfg.focus_by_chunk:  # every token scores its chunk's mean focus: whole chunks, most attended first
-                means = torch.zeros(int(seg.max()) + 1).index_add_(0, seg, focus)
-                means /= torch.bincount(seg, minlength=means.numel()).clamp_min(1)
-                focus = means[seg] + 1e-6 * focus  # ties inside a chunk broken by the token's own focus
-            forced = forced | top_share(focus.masked_fill(forced, float("-inf")), n_focus)
+                focus = segment_means(focus, seg) + 1e-6 * focus  # ties inside a chunk broken by the token's own
+            elif cfg.focus_scope == "relative":  # how far a token stands out in its own chunk
+                focus = focus / segment_means(focus, seg).clamp_min(1e-12)
+            split = seg if cfg.focus_scope == "chunk" else None  # each chunk gets its size's share of the budget
+            forced = forced | top_share(focus.masked_fill(forced, float("-inf")), n_focus, split)
             budget -= n_focus
         pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget, seg if cfg.per_chunk else None)
         chosen = torch.zeros_like(layout.reused)

@@ -39,6 +39,13 @@ def top_share(score: torch.Tensor, count: int, segment: torch.Tensor | None = No
     return chosen
 
 
+def segment_means(score: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Each token's segment mean of ``score``. score: [T] float, segment: [T] int64 -> [T]."""
+    sums = torch.zeros(int(segment.max()) + 1).index_add_(0, segment, score.float())
+    means = sums / torch.bincount(segment, minlength=sums.numel()).clamp_min(1)
+    return means[segment]
+
+
 def chunk_heads(segment: torch.Tensor, n: int) -> torch.Tensor:
     """Mask of the first ``n`` tokens of every segment run. segment: [T] (runs of equal ids) -> [T] bool."""
     if n <= 0:

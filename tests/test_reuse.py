@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.prompt import Segment
 from kvstash.reuse import FullPrefill, make_method
 from kvstash.rope import Rope
-from kvstash.selection import chunk_heads, deviation, gate, top_share
+from kvstash.selection import chunk_heads, deviation, gate, segment_means, top_share
 
 DOCS = [
     "Marie Curie discovered polonium and radium together with Pierre Curie in Paris.",
@@ -235,3 +236,49 @@ def test_focus_from_layer_is_checked(engine, source):
     first, last = (m.prefill(engine.runner, plan, source) for m in focus.values())
     assert first.report.recomputed_tokens == last.report.recomputed_tokens  # the same budget
     assert _max_diff(first.last_logits, last.last_logits) > 0  # spent on other tokens: the last layer alone
+
+
+def test_segment_means_gives_each_token_its_segment_mean():
+    got = segment_means(torch.tensor([1.0, 3.0, 10.0, 0.0, 2.0]), torch.tensor([4, 4, 6, 6, 6]))
+    assert got.tolist() == [2.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_focus_scope_chunk_gives_every_chunk_its_size_share(engine, source):
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    pre = BlendReuse(BlendConfig(ratio=0.3, query_share=1.0, focus_scope="chunk")).prefill(engine.runner, plan, source)
+    docs = [s for s in pre.report.segments if s.kind == "document"]
+    reused = sum(s.tokens for s in docs)
+    share = round(0.3 * reused) / reused
+    assert [s.recomputed for s in docs] == [round(share * s.tokens) for s in docs]
+    glob = BlendReuse(BlendConfig(ratio=0.3, query_share=1.0)).prefill(engine.runner, plan, source)
+    assert [s.recomputed for s in glob.report.segments if s.kind == "document"] != [s.recomputed for s in docs]
+    with pytest.raises(ValueError, match="focus_scope must be one of global, chunk, relative"):
+        BlendConfig(focus_scope="local")
+
+
+def test_focus_scope_relative_picks_what_stands_out_in_its_chunk(engine, source):
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    cfg = BlendConfig(ratio=0.2, query_share=1.0)
+    glob, rel = (BlendReuse(replace(cfg, focus_scope=s)) for s in ("global", "relative"))
+    a, b = (m.prefill(engine.runner, plan, source) for m in (glob, rel))
+    assert a.report.recomputed_tokens == b.report.recomputed_tokens  # the same budget
+    assert [s.recomputed for s in a.report.segments] != [s.recomputed for s in b.report.segments]
+
+
+def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine, monkeypatch):
+    """The partial passes attend in blocks that leave out keys no query of the block can see: same output."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(9, 40, 64), torch.randn(3, 100, 64), torch.randn(3, 100, 64)
+    q_pos = torch.sort(torch.randperm(100)[:40]).values
+    mask = q_pos[:, None] >= torch.arange(100)[None]  # [40, 100] causal by position
+    seen = []
+    real = engine.runner.attend
+    monkeypatch.setattr(
+        engine.runner, "attend", lambda q_, k_, v_, m_: seen.append(k_.shape[1]) or real(q_, k_, v_, m_)
+    )
+    got = NaiveReuse(prefill_chunk=16).attend(engine.runner, q, k, v, mask)
+    want = real(q, k, v, mask)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert seen == [int(q_pos[min(s + 15, 39)]) + 1 for s in range(0, 40, 16)]  # each block: up to its last query
