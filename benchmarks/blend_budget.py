@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=6)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--query-share", type=float, default=0.75)
+    ap.add_argument("--focus-reduce", default="sum", choices=["sum", "max"], help="how the probe's attention adds up")
     ap.add_argument("--max-tokens", type=int, default=24)
     args = ap.parse_args()
     engine = Engine(codec="fp16")
@@ -65,7 +66,8 @@ def main() -> None:
         plan = engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
         ref = FullPrefill(engine.config.prefill_chunk).prefill(engine.runner, plan)
         ref_text = tok.decode(greedy(engine, ref, args.max_tokens), skip_special_tokens=True)
-        method = TracedBlend(BlendConfig(ratio=args.ratio, query_share=args.query_share))
+        cfg = BlendConfig(ratio=args.ratio, query_share=args.query_share, focus_reduce=args.focus_reduce)
+        method = TracedBlend(cfg)
         pre = method.prefill(engine.runner, plan, source)
         text = tok.decode(greedy(engine, pre, args.max_tokens), skip_special_tokens=True)
         layout, chosen = method.layout, method.chosen

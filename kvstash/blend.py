@@ -139,6 +139,7 @@ def lay_out(
 
 
 FOCUS_SCOPES = ("global", "chunk", "relative")
+FOCUS_REDUCES = ("sum", "max")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,9 @@ class BlendConfig:
     focus_by_chunk: bool = False  # rank by each chunk's mean focus (recompute whole attended chunks) instead
     focus_pool: int = 0  # odd window: a token's focus is the max over its neighbours' (spans, not lone tokens)
     focus_from: int = 0  # the question's attention is summed from this layer on (earlier layers ignored)
+    focus_reduce: str = "sum"  # sum: total attention over heads, queries, layers | max: the strongest single one
+    stale_key_scale: float = 1.0  # keys of reused tokens not recomputed, after the last check layer, times this
+    # (an attention temperature on the stale chunk KV, as in APE: > 1 sharpens, < 1 flattens)
     focus_scope: str = "global"  # global: top focus over the prompt | chunk: top per chunk by size | relative:
     # focus divided by its chunk's mean, then global (the question's pull to the nearest chunk discounted)
 
@@ -175,6 +179,10 @@ class BlendConfig:
             raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
         if self.focus_pool < 0 or (self.focus_pool and self.focus_pool % 2 == 0):
             raise ValueError(f"focus_pool must be 0 (off) or an odd window of tokens, got {self.focus_pool}")
+        if self.stale_key_scale <= 0:
+            raise ValueError(f"stale_key_scale must be > 0, got {self.stale_key_scale}")
+        if self.focus_reduce not in FOCUS_REDUCES:
+            raise ValueError(f"focus_reduce must be one of {', '.join(FOCUS_REDUCES)}, got {self.focus_reduce!r}")
         if self.focus_scope not in FOCUS_SCOPES:
             raise ValueError(f"focus_scope must be one of {', '.join(FOCUS_SCOPES)}, got {self.focus_scope!r}")
         if self.focus_from < 0:
@@ -308,9 +316,13 @@ class BlendReuse(_PartialPrefill):
 
     def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observer: Observer | None = None):
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-            layout.focus = question_focus(runner, cache, layout, self.cfg.focus_from)
+            layout.focus = question_focus(runner, cache, layout, self.cfg.focus_from, self.cfg.focus_reduce)
             if self.cfg.focus_pool > 1:
                 layout.focus = pool_focus(layout.focus, layout.reused, self.cfg.focus_pool)
+        if self.cfg.stale_key_scale != 1.0:  # recomputed tokens overwrite their scaled keys with fresh ones
+            slots = layout.start + layout.reused.nonzero().squeeze(1)
+            for layer in range(self.cfg.last_check + 1, runner.num_layers):
+                cache.k[layer][:, slots] *= self.cfg.stale_key_scale
         return super().run_layers(runner, cache, layout, observer)
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
@@ -368,11 +380,13 @@ def pool_focus(focus: torch.Tensor, reused: torch.Tensor, window: int) -> torch.
 
 
 @torch.inference_mode()
-def question_focus(runner: Runner, cache: KVCache, layout: Layout, first_layer: int = 0) -> torch.Tensor:
+def question_focus(
+    runner: Runner, cache: KVCache, layout: Layout, first_layer: int = 0, reduce: str = "sum"
+) -> torch.Tensor:
     """How much the question attends to each reused token, from a naive probe: a :class:`NaiveReuse` pass
     (the computed tokens over the re-positioned chunk KV) whose queries after the last reused token (the
-    question and the answer's glue) have their attention summed over heads, queries and the layers from
-    ``first_layer`` on.
+    question and the answer's glue) have their attention summed (``reduce="sum"``) or maxed (``"max"``) over
+    heads, queries and the layers from ``first_layer`` on.
     Returns [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
@@ -387,7 +401,11 @@ def question_focus(runner: Runner, cache: KVCache, layout: Layout, first_layer: 
     def observe(layer, q, k_all, mask) -> None:
         if layer < first_layer:
             return
-        focus.add_(attention_probs(q[:, asks], k_all, mask[asks]).sum(dim=(0, 1)))  # [H, Tq, n] -> [n]
+        probs = attention_probs(q[:, asks], k_all, mask[asks])  # [H, A, n]
+        if reduce == "max":  # the strongest pull of any one head and query: sharp retrieval heads count fully
+            torch.maximum(focus, probs.amax(dim=(0, 1)), out=focus)
+        else:
+            focus.add_(probs.sum(dim=(0, 1)))
 
     NaiveReuse().run_layers(runner, cache, layout, observe)
     return focus[layout.start :].masked_fill(~layout.reused, 0.0)

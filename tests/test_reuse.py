@@ -37,6 +37,20 @@ def _max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def _paired(engine, source, configs, order=(0, 2, 1), cls=BlendReuse):
+    """Blend methods from ``configs`` and their prefills of one plan, chunks cached at other positions first."""
+    plan = _plan(engine, order)
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    methods = [cls(c) for c in configs]
+    return plan, methods, [m.prefill(engine.runner, plan, source) for m in methods]
+
+
+def _same_budget_spent_elsewhere(a, b) -> None:
+    """Two blends with the same number of recomputed tokens, spread differently over the segments."""
+    assert a.report.recomputed_tokens == b.report.recomputed_tokens
+    assert [s.recomputed for s in a.report.segments] != [s.recomputed for s in b.report.segments]
+
+
 def test_blend_ratio_one_equals_full_prefill(engine, source):
     plan = _plan(engine, (2, 0, 1))
     full = FullPrefill().prefill(engine.runner, plan)
@@ -258,13 +272,9 @@ def test_focus_scope_chunk_gives_every_chunk_its_size_share(engine, source):
 
 
 def test_focus_scope_relative_picks_what_stands_out_in_its_chunk(engine, source):
-    plan = _plan(engine, (0, 2, 1))
-    NaiveReuse().prefill(engine.runner, _plan(engine), source)
     cfg = BlendConfig(ratio=0.2, query_share=1.0)
-    glob, rel = (BlendReuse(replace(cfg, focus_scope=s)) for s in ("global", "relative"))
-    a, b = (m.prefill(engine.runner, plan, source) for m in (glob, rel))
-    assert a.report.recomputed_tokens == b.report.recomputed_tokens  # the same budget
-    assert [s.recomputed for s in a.report.segments] != [s.recomputed for s in b.report.segments]
+    _, _, (a, b) = _paired(engine, source, [replace(cfg, focus_scope=x) for x in ("global", "relative")])
+    _same_budget_spent_elsewhere(a, b)
 
 
 def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine, monkeypatch):
@@ -282,3 +292,41 @@ def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine, 
     want = real(q, k, v, mask)
     assert torch.allclose(got, want, atol=1e-5)
     assert seen == [int(q_pos[min(s + 15, 39)]) + 1 for s in range(0, 40, 16)]  # each block: up to its last query
+
+
+def test_focus_reduce_max_is_the_strongest_single_pull(engine, source):
+    """Max over heads, queries and layers: a probability (<= 1), never above the sum, and a different pick."""
+
+    class Traced(BlendReuse):
+        def run_layers(self, runner, cache, layout, observer=None):
+            out = super().run_layers(runner, cache, layout, observer)
+            self.focus = layout.focus
+            return out
+
+    cfgs = [BlendConfig(ratio=0.2, query_share=1.0, focus_reduce=r) for r in ("sum", "max")]
+    _, (summed, maxed), (a, b) = _paired(engine, source, cfgs, cls=Traced)
+    assert 0 < float(maxed.focus.max()) <= 1.0 + 1e-6
+    assert bool((maxed.focus <= summed.focus + 1e-6).all())
+    assert float(summed.focus.max()) > 1.0  # the sum runs over 30 layers and 9 heads
+    _same_budget_spent_elsewhere(a, b)
+    with pytest.raises(ValueError, match="focus_reduce must be one of sum, max"):
+        BlendConfig(focus_reduce="mean")
+
+
+def test_stale_key_scale_scales_exactly_the_keys_not_recomputed(engine, source):
+    cfg = BlendConfig(ratio=0.1, query_share=0.75)
+    plan, _, (plain, scaled) = _paired(engine, source, [cfg, replace(cfg, stale_key_scale=1.5)], order=(2, 0, 1))
+    docs = [(p, s) for p, s in zip(plan.segments, scaled.report.segments, strict=True) if s.kind == "document"]
+    stale = sum(s.tokens - s.recomputed for _, s in docs)
+    slots = torch.cat([torch.arange(p.start, p.end) for p, _ in docs])
+    for layer in (1, 2, 29):  # the check layer (1) is left alone; every later layer is scaled
+        a, b = plain.cache.k[layer][:, slots], scaled.cache.k[layer][:, slots]  # [KVH, T, D]
+        times = torch.isclose(b, 1.5 * a, atol=1e-6).all(dim=(0, 2))
+        same = torch.isclose(b, a, atol=1e-6).all(dim=(0, 2))
+        assert int(times.sum()) == (0 if layer == 1 else stale) and (layer > 1 or bool(same.all()))
+    assert _max_diff(plain.last_logits, scaled.last_logits) > 1e-3
+    full = FullPrefill().prefill(engine.runner, plan)
+    whole = BlendReuse(BlendConfig(ratio=1.0, stale_key_scale=1.5)).prefill(engine.runner, plan, source)
+    assert _max_diff(whole.last_logits, full.last_logits) < 1e-3  # nothing stale: r = 1 is still full prefill
+    with pytest.raises(ValueError, match="stale_key_scale must be > 0"):
+        BlendConfig(stale_key_scale=0)
