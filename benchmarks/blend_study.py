@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict | None] = {
     "blend r=0.15 question 0.5 max": dict(ratio=0.15, query_share=0.5, focus_reduce="max"),
     "blend r=0.15 question 0.75 keys x1.1": dict(ratio=0.15, query_share=0.75, stale_key_scale=1.1),
     "blend r=0.15 question 0.75 keys x0.9": dict(ratio=0.15, query_share=0.75, stale_key_scale=0.9),
+    "blend question 0.75 gradual 0.3 to layer 9 then 0.1": dict(ratio=0.1, query_share=0.75, schedule=(0.3,) * 9),
     "blend r=0.19 question 0.75": dict(ratio=0.19, query_share=0.75),
     "blend r=0.17 question 1.0 check@0": dict(ratio=0.17, query_share=1.0, check_layer=0),
     "blend r=0.15 question 0.75 head-ctx": dict(ratio=0.15, query_share=0.75, head_context=True),
