@@ -20,9 +20,9 @@ from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.evict import attention_probs
 from kvstash.forward import Observer, Runner, causal_mask
 from kvstash.kv import KVCache
+from kvstash.layout import Layout, lay_out, lead_segments
 from kvstash.prompt import PromptPlan
 from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, SegmentReport, compute_tokens, register_method
-from kvstash.rope import reposition
 from kvstash.selection import chunk_heads, deviation, gate, segment_means, top_share
 
 
@@ -35,12 +35,6 @@ def _require(chunks: ChunkSource | None, name: str) -> ChunkSource:
 def _prefix_limit(plan: PromptPlan) -> int:
     """Segments before the first user segment: the ones whose in-context KV is worth caching."""
     return next(i for i, s in enumerate(plan.segments) if s.kind == "user")
-
-
-def _lead(plan: PromptPlan) -> int:
-    """Segments before the first document: the shared head (template glue, system prompt) that naive and
-    blend compute exactly and cache in context rather than re-position."""
-    return next(i for i, s in enumerate(plan.segments) if s.kind in ("document", "user"))
 
 
 def _report(name: str, plan: PromptPlan, stats: ChunkStats) -> PrefillReport:
@@ -77,65 +71,6 @@ class PrefixReuse(ReuseMethod):
             else:
                 seg.recomputed = seg.tokens
         return Prefilled(cache, logits, report)
-
-
-@dataclass
-class Layout:
-    """The prompt after its exact prefix: which tokens are reused chunk KV and which must be computed."""
-
-    start: int  # slot/position of the first token after the exact prefix
-    ids: torch.Tensor  # [R] token ids of the rest
-    reused: torch.Tensor  # [R] bool: the token's KV came from a standalone chunk
-    segment: torch.Tensor  # [R] int64: index into plan.segments
-    forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
-    focus: torch.Tensor | None = None  # [R] float: attention the question pays each token (blend's probe)
-
-
-def lay_out(
-    runner: Runner,
-    plan: PromptPlan,
-    cache: KVCache,
-    chunks: ChunkSource,
-    n_prefix: int,
-    stats: ChunkStats,
-    report: PrefillReport,
-    head_context: bool = False,
-) -> Layout:
-    """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
-    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``.
-    With ``head_context`` the chunks are the ones computed behind the head already in ``cache``."""
-    rest = list(enumerate(plan.segments))[n_prefix:]
-    reusable = [(i, s) for i, s in rest if s.reusable]
-    head, head_ids = None, ()
-    if head_context:  # the shared head only, even when leading documents were loaded as an exact prefix
-        n_head = plan.segments[_lead(plan)].start
-        head, head_ids = cache.clone(n_head), plan.token_ids[:n_head]
-    found = chunks.standalone([s for _, s in reusable], stats, head, head_ids)
-    lookups = dict(zip((i for i, _ in reusable), found, strict=True))
-    start = cache.length
-    t = time.perf_counter()
-    cache.append(torch.arange(start, len(plan)))
-    ids, reused, segment = [], [], []
-    for i, seg in rest:
-        n = len(seg.token_ids)
-        ids += seg.token_ids
-        segment += [i] * n
-        hit = lookups.get(i)
-        reused += [hit is not None] * n
-        if hit is None:
-            continue
-        new_pos = torch.arange(seg.start, seg.end)
-        keys = reposition(hit.chunk.keys.to(cache.dtype), hit.chunk.positions, new_pos, runner.rope)
-        cache.k[:, :, seg.start : seg.end] = keys
-        cache.v[:, :, seg.start : seg.end] = hit.chunk.values.to(cache.dtype)
-        rep = report.segments[i]
-        rep.tier = hit.tier
-        if hit.tier is None:  # a miss: computed standalone in this request
-            rep.recomputed = n
-        else:
-            rep.reused = n
-    stats.load_s += time.perf_counter() - t
-    return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
 
 
 FOCUS_SCOPES = ("global", "chunk", "relative")
@@ -185,6 +120,8 @@ class BlendConfig:
             raise ValueError(f"focus_reduce must be one of {', '.join(FOCUS_REDUCES)}, got {self.focus_reduce!r}")
         if self.focus_scope not in FOCUS_SCOPES:
             raise ValueError(f"focus_scope must be one of {', '.join(FOCUS_SCOPES)}, got {self.focus_scope!r}")
+        if self.focus_by_chunk and self.focus_scope != "global":
+            raise ValueError("focus_by_chunk ranks whole chunks already; leave focus_scope at 'global' with it")
         if self.focus_from < 0:
             raise ValueError(f"focus_from must be a layer index >= 0, got {self.focus_from}")
         if self.gate is not None and self.gate <= 0:
@@ -215,7 +152,7 @@ class _PartialPrefill(ReuseMethod):
         report = _report(self.name, plan, stats)
         for i, tier in enumerate(tiers):
             report.segments[i].reused, report.segments[i].tier = report.segments[i].tokens, tier
-        n_exact, lead = len(tiers), _lead(plan)
+        n_exact, lead = len(tiers), lead_segments(plan)
         if n_exact < lead:  # the shared head is not cached yet: compute it exactly and cache it in context
             t = time.perf_counter()
             compute_tokens(
@@ -397,6 +334,8 @@ def question_focus(
 
     if not 0 <= first_layer < runner.num_layers:
         raise ValueError(f"focus_from={first_layer}: the model has layers 0..{runner.num_layers - 1}")
+    if reduce not in FOCUS_REDUCES:
+        raise ValueError(f"reduce must be one of {', '.join(FOCUS_REDUCES)}, got {reduce!r}")
 
     def observe(layer, q, k_all, mask) -> None:
         if layer < first_layer:

@@ -269,6 +269,8 @@ def test_focus_scope_chunk_gives_every_chunk_its_size_share(engine, source):
     assert [s.recomputed for s in glob.report.segments if s.kind == "document"] != [s.recomputed for s in docs]
     with pytest.raises(ValueError, match="focus_scope must be one of global, chunk, relative"):
         BlendConfig(focus_scope="local")
+    with pytest.raises(ValueError, match="focus_by_chunk ranks whole chunks already"):
+        BlendConfig(focus_by_chunk=True, focus_scope="relative")
 
 
 def test_focus_scope_relative_picks_what_stands_out_in_its_chunk(engine, source):

@@ -1,0 +1,81 @@
+"""The rest of a prompt after its exact prefix, laid out for partial prefill: each reusable segment's standalone
+chunk KV placed at its new positions (keys re-rotated), slots left for the segments to be computed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvstash.chunks import ChunkSource, ChunkStats
+from kvstash.forward import Runner
+from kvstash.kv import KVCache
+from kvstash.prompt import PromptPlan
+from kvstash.reuse import PrefillReport
+from kvstash.rope import reposition
+
+
+def lead_segments(plan: PromptPlan) -> int:
+    """Segments before the first document: the shared head (template glue, system prompt) that naive and
+    blend compute exactly and cache in context rather than re-position."""
+    return next(i for i, s in enumerate(plan.segments) if s.kind in ("document", "user"))
+
+
+@dataclass
+class Layout:
+    """The prompt after its exact prefix: which tokens are reused chunk KV and which must be computed."""
+
+    start: int  # slot/position of the first token after the exact prefix
+    ids: torch.Tensor  # [R] token ids of the rest
+    reused: torch.Tensor  # [R] bool: the token's KV came from a standalone chunk
+    segment: torch.Tensor  # [R] int64: index into plan.segments
+    forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
+    focus: torch.Tensor | None = None  # [R] float: attention the question pays each token (blend's probe)
+
+
+def lay_out(
+    runner: Runner,
+    plan: PromptPlan,
+    cache: KVCache,
+    chunks: ChunkSource,
+    n_prefix: int,
+    stats: ChunkStats,
+    report: PrefillReport,
+    head_context: bool = False,
+) -> Layout:
+    """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
+    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``.
+    With ``head_context`` the chunks are the ones computed behind the head already in ``cache``."""
+    rest = list(enumerate(plan.segments))[n_prefix:]
+    reusable = [(i, s) for i, s in rest if s.reusable]
+    head, head_ids = None, ()
+    if head_context:  # the shared head only, even when leading documents were loaded as an exact prefix
+        n_head = plan.segments[lead_segments(plan)].start
+        head, head_ids = cache.clone(n_head), plan.token_ids[:n_head]
+    found = chunks.standalone([s for _, s in reusable], stats, head, head_ids)
+    lookups = dict(zip((i for i, _ in reusable), found, strict=True))
+    start = cache.length
+    t = time.perf_counter()
+    cache.append(torch.arange(start, len(plan)))
+    ids, reused, segment = [], [], []
+    for i, seg in rest:
+        n = len(seg.token_ids)
+        ids += seg.token_ids
+        segment += [i] * n
+        hit = lookups.get(i)
+        reused += [hit is not None] * n
+        if hit is None:
+            continue
+        new_pos = torch.arange(seg.start, seg.end)
+        keys = reposition(hit.chunk.keys.to(cache.dtype), hit.chunk.positions, new_pos, runner.rope)
+        cache.k[:, :, seg.start : seg.end] = keys
+        cache.v[:, :, seg.start : seg.end] = hit.chunk.values.to(cache.dtype)
+        rep = report.segments[i]
+        rep.tier = hit.tier
+        if hit.tier is None:  # a miss: computed standalone in this request
+            rep.recomputed = n
+        else:
+            rep.reused = n
+    stats.load_s += time.perf_counter() - t
+    return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
