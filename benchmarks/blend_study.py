@@ -50,7 +50,14 @@ VARIANTS: dict[str, dict | None] = {
     "blend r=0.15 question 0.5 max": dict(ratio=0.15, query_share=0.5, focus_reduce="max"),
     "blend r=0.15 question 0.75 keys x1.1": dict(ratio=0.15, query_share=0.75, stale_key_scale=1.1),
     "blend r=0.15 question 0.75 keys x0.9": dict(ratio=0.15, query_share=0.75, stale_key_scale=0.9),
+    "blend r=0.15 question 0.75 stale bias -0.25": dict(ratio=0.15, query_share=0.75, stale_bias=-0.25),
+    "blend r=0.15 question 0.75 stale bias -0.5": dict(ratio=0.15, query_share=0.75, stale_bias=-0.5),
+    "blend r=0.15 question 0.75 stale bias -1.0": dict(ratio=0.15, query_share=0.75, stale_bias=-1.0),
+    "blend r=0.15 question 0.75 stale bias +0.25": dict(ratio=0.15, query_share=0.75, stale_bias=0.25),
     "blend question 0.75 gradual 0.3 to layer 9 then 0.1": dict(ratio=0.1, query_share=0.75, schedule=(0.3,) * 9),
+    "blend question 0.75 gradual 0.3 to layer 9 then 0.1 stale bias -0.25": dict(
+        ratio=0.1, query_share=0.75, schedule=(0.3,) * 9, stale_bias=-0.25
+    ),
     "blend r=0.19 question 0.75": dict(ratio=0.19, query_share=0.75),
     "blend r=0.17 question 1.0 check@0": dict(ratio=0.17, query_share=1.0, check_layer=0),
     "blend r=0.15 question 0.75 head-ctx": dict(ratio=0.15, query_share=0.75, head_context=True),
@@ -65,7 +72,8 @@ VARIANTS: dict[str, dict | None] = {
 def method_for(name: str, spec: dict | None, chunk: int):
     if spec is None:
         return NaiveReuse(BlendConfig(), prefill_chunk=chunk)
-    spec = {"query_share": 0.0, **spec}  # variants are plain CacheBlend unless they name a question share
+    # variants are plain CacheBlend unless they name a question share or a stale bias
+    spec = {"query_share": 0.0, "stale_bias": 0.0, **spec}
     if spec.pop("naive", False):
         return NaiveReuse(BlendConfig(**spec), prefill_chunk=chunk)
     return BlendReuse(BlendConfig(**spec), prefill_chunk=chunk)

@@ -10,6 +10,7 @@ prefill would give, chosen at a check layer.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from kvstash.chunks import ChunkSource, ChunkStats
 from kvstash.evict import attention_probs
-from kvstash.forward import Observer, Runner, causal_mask
+from kvstash.forward import Observer, Runner, biased_mask, causal_mask
 from kvstash.kv import KVCache
 from kvstash.layout import Layout, lay_out, lead_segments
 from kvstash.prompt import PromptPlan
@@ -94,6 +95,9 @@ class BlendConfig:
     focus_reduce: str = "sum"  # sum: total attention over heads, queries, layers | max: the strongest single one
     stale_key_scale: float = 1.0  # keys of reused tokens not recomputed, after the last check layer, times this
     # (an attention temperature on the stale chunk KV, as in APE: > 1 sharpens, < 1 flattens)
+    stale_bias: float = -0.25  # added to the attention logits of the reused tokens not recomputed, from the last
+    # check layer on, in prefill and decoding (APE's scaling factor: their weight times e^stale_bias, ~0.78 here;
+    # 0 turns it off). Only when something is recomputed: at r = 0 blend is naive reuse exactly
     focus_scope: str = "global"  # global: top focus over the prompt | chunk: top per chunk by size | relative:
     # focus divided by its chunk's mean, then global (the question's pull to the nearest chunk discounted)
 
@@ -114,6 +118,8 @@ class BlendConfig:
             raise ValueError(f"query_share must be in [0, 1], got {self.query_share}")
         if self.focus_pool < 0 or (self.focus_pool and self.focus_pool % 2 == 0):
             raise ValueError(f"focus_pool must be 0 (off) or an odd window of tokens, got {self.focus_pool}")
+        if not math.isfinite(self.stale_bias):
+            raise ValueError(f"stale_bias must be a finite logit offset, got {self.stale_bias}")
         if self.stale_key_scale <= 0:
             raise ValueError(f"stale_key_scale must be > 0, got {self.stale_key_scale}")
         if self.focus_reduce not in FOCUS_REDUCES:
@@ -205,20 +211,24 @@ class _PartialPrefill(ReuseMethod):
             cache.write_slots(layer, slots[write], k[:, write], v[:, write])
             k_all, v_all, k_pos = cache.layer(layer)
             mask = causal_mask(positions[active], k_pos[0])
+            bias = cache.layer_bias(layer)  # [KVH, n]: blend's stale_bias, from its last check layer on
+            bias = None if bias is None else bias[0]
             if observer is not None:
-                observer(layer, q, k_all, mask)
-            h = runner.finish(layer, h, self.attend(runner, q, k_all, v_all, mask))
+                observer(layer, q, k_all, mask if bias is None else biased_mask(mask, bias))
+            h = runner.finish(layer, h, self.attend(runner, q, k_all, v_all, mask, bias))
         assert int(active[-1]) == len(layout.ids) - 1, "the prompt's last token must be computed"
         return runner.logits(h[-1:])[0], chosen, fired
 
-    def attend(self, runner: Runner, q, k_all, v_all, mask) -> torch.Tensor:
+    def attend(self, runner: Runner, q, k_all, v_all, mask, bias=None) -> torch.Tensor:
         """Attention in blocks of ``prefill_chunk`` queries; each block reads the keys up to the last one it may
-        see (the keys after it are masked for every query of the block: leaving them out changes only the cost)."""
+        see (the keys after it are masked for every query of the block: leaving them out changes only the cost).
+        mask: [Tq, n] bool; bias: [n] logit bias per key or None."""
         step, outs = self.prefill_chunk, []
         for s in range(0, q.shape[1], step):
             block = mask[s : s + step]  # [Tb, n]
             n = int(block.any(dim=0).nonzero().max()) + 1
-            outs.append(runner.attend(q[:, s : s + step], k_all[:, :n], v_all[:, :n], block[:, :n]))
+            m = block[:, :n] if bias is None else biased_mask(block[:, :n], bias[:n])
+            outs.append(runner.attend(q[:, s : s + step], k_all[:, :n], v_all[:, :n], m))
         return torch.cat(outs)
 
     def checks_at(self, layer: int) -> bool:
@@ -244,7 +254,8 @@ class BlendReuse(_PartialPrefill):
     deviates most from the cached KV are chosen, and only they (plus uncached segments) run on.
 
     Question-focused by default: a share ``query_share`` of the budget first goes to the reused tokens the
-    question attends to most in a cheap naive probe (:func:`question_focus`); the rest by deviation."""
+    question attends to most in a cheap naive probe (:func:`question_focus`); the rest by deviation. The
+    reused tokens left stale then get ``stale_bias`` on their attention logits (a little less weight)."""
 
     name = "blend"
 
@@ -296,17 +307,21 @@ class BlendReuse(_PartialPrefill):
         pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget, seg if cfg.per_chunk else None)
         chosen = torch.zeros_like(layout.reused)
         chosen[idx[pick]] = True
+        if cfg.stale_bias and layer == cfg.last_check and bool(chosen.any()):  # tokens keeping their chunk KV
+            stale = (layout.reused & ~chosen).nonzero().squeeze(1)
+            cache.add_bias(layer, layout.start + stale, cfg.stale_bias)
         return ~reused | chosen[active], chosen, fired
 
 
 @register_method
 class CacheBlendReuse(BlendReuse):
-    """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0)."""
+    """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0), stale KV
+    attended as it is (``stale_bias`` = 0)."""
 
     name = "cacheblend"
 
     def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
-        super().__init__(replace(cfg or BlendConfig(), query_share=0.0), prefill_chunk)
+        super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0), prefill_chunk)
 
 
 def pool_focus(focus: torch.Tensor, reused: torch.Tensor, window: int) -> torch.Tensor:

@@ -72,6 +72,7 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         check_layer=getattr(args, "check_layer", None),
         gate=getattr(args, "gate", None),
         query_share=getattr(args, "query_share", None),
+        stale_bias=getattr(args, "stale_bias", None),
     )
     gen = engine.stream(
         segs,
@@ -171,6 +172,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="blend: share of the recompute budget spent on the reused tokens the question attends to most "
         "(found by a cheap naive pass); the rest goes by KV deviation. 0 = plain CacheBlend (default 0.75)",
+    )
+    p.add_argument(
+        "--stale-bias",
+        type=float,
+        metavar="B",
+        help="blend: added to the attention logits of the reused tokens that are not recomputed, in every "
+        "layer from the check layer on and while decoding, so they weigh e^B as much (default -0.25; 0 = off)",
     )
     p.add_argument(
         "--kv-bits",

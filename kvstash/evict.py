@@ -25,20 +25,22 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kvstash.forward import Runner, causal_mask
+from kvstash.forward import Runner, biased_mask, causal_mask
 from kvstash.kv import KVCache
 
 
 # --- tensor math ---------------------------------------------------------------------------------------------
 def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention weights, float32. q: [H, Tq, D]; k: [KVH, n, D]; mask: [Tq, n], [KVH, Tq, n] or None
-    (True = attend) -> [H, Tq, n]. Query head h reads KV head h // (H / KVH), as in grouped-query attention."""
+    """Softmax attention weights, float32. q: [H, Tq, D]; k: [KVH, n, D]; mask: [Tq, n], [KVH, Tq, n] or None,
+    boolean (True = attend) or additive float -> [H, Tq, n]. Query head h reads KV head h // (H / KVH), as in
+    grouped-query attention."""
     h, t, d = q.shape
     kvh, n, _ = k.shape
     qg = q.float().reshape(kvh, h // kvh * t, d)  # query heads of one KV head side by side
     scores = (qg @ k.float().transpose(1, 2)).view(kvh, h // kvh, t, n) * d**-0.5  # [KVH, G, Tq, n]
     if mask is not None:
-        scores = scores.masked_fill(~(mask[:, None] if mask.dim() == 3 else mask), float("-inf"))
+        mask = mask[:, None] if mask.dim() == 3 else mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return scores.softmax(dim=-1).view(h, t, n)
 
 
@@ -60,7 +62,7 @@ def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: i
     """Recompute the queries of the prompt's tokens ``[start, end)`` against the finished ``cache`` and show
     each layer's attention to ``observe(layer, q, probs, mask)``: q ``[H, T, D]`` of one query block of tokens
     ``[s, e)``, probs ``[H, T, e]`` its softmax over slots ``[0, e)`` (later slots are later positions,
-    invisible to it) and the causal ``mask`` ``[T, e]`` it was computed with.
+    invisible to it) and the causal ``mask`` ``[T, e]`` it was computed with (float if the cache has a bias).
 
     ``cache`` must be the prompt's cache right after prefill (uniform, slot i = position i =
     ``token_ids[i]``); blocks of ``block`` queries bound memory. Changes nothing.
@@ -78,6 +80,8 @@ def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: i
             k, v, k_pos = cache.layer(i)
             k, v = k[:, :e], v[:, :e]
             mask = causal_mask(pos, k_pos[0, :e])  # [T, e]
+            if cache.bias is not None:  # the logit bias the prompt's own attention had (blend's stale_bias)
+                mask = biased_mask(mask, cache.bias[i, 0, :e])
             probs = attention_probs(q, k, mask)  # [H, T, e]
             observe(i, q, probs, mask)
             if i + 1 < runner.num_layers:

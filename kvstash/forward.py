@@ -27,6 +27,14 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
 
 
+def biased_mask(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as an additive float mask carrying a per-key logit bias (``KVCache.bias``).
+
+    mask: [Tq, n] or [KVH, Tq, n]; bias: [n] or [KVH, n] -> float32, -inf where ``mask`` is False.
+    """
+    return bias.unsqueeze(-2).expand(mask.shape).masked_fill(~mask, float("-inf"))
+
+
 class Runner:
     """Runs a Llama-family *ForCausalLM one decoder layer at a time (batch size 1)."""
 
@@ -59,7 +67,8 @@ class Runner:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention. q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n] -> [Tq, H*D]."""
+        """Softmax attention. q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n], boolean (True =
+        attend) or additive float (:func:`biased_mask`) -> [Tq, H*D]."""
         if mask is not None and mask.dim() == 3:  # per-head positions after eviction
             mask = mask.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
@@ -76,10 +85,15 @@ class Runner:
 
     # --- whole passes ------------------------------------------------------------------------------------
     def layer_mask(self, cache: KVCache, layer: int, q_pos: torch.Tensor) -> torch.Tensor | None:
+        """Causal mask of queries at ``q_pos`` over one layer's cache; float with the cache's logit bias if it
+        has one, None if every key is visible and unbiased."""
         _, _, k_pos = cache.layer(layer)
+        bias = cache.layer_bias(layer)  # [KVH, n] or None
         if cache.uniform:
-            k_pos = k_pos[0]
+            k_pos, bias = k_pos[0], None if bias is None else bias[0]
         mask = causal_mask(q_pos, k_pos)
+        if bias is not None:
+            return biased_mask(mask, bias)
         return None if bool(mask.all()) else mask
 
     @torch.inference_mode()
@@ -99,13 +113,14 @@ class Runner:
         """
         cos, sin = self.rope.cos_sin(positions)
         start = cache.append(positions)
-        mask = self.layer_mask(cache, 0, positions) if cache.uniform else None
+        shared = cache.uniform and cache.bias is None  # one mask serves every layer
+        mask = self.layer_mask(cache, 0, positions) if shared else None
         h = self.embed(ids)
         for i in range(self.num_layers):
             q, k, v = self.qkv(i, h, cos, sin)
             cache.write(i, start, k, v)
             k_all, v_all, _ = cache.layer(i)
-            m = mask if cache.uniform else self.layer_mask(cache, i, positions)
+            m = mask if shared else self.layer_mask(cache, i, positions)
             if observer is not None:
                 observer(i, q, k_all, m)
             h = self.finish(i, h, self.attend(q, k_all, v_all, m))

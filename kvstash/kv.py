@@ -11,6 +11,9 @@ class KVCache:
     Slots ``[0, length)`` hold tokens. Positions are kept per layer and KV head because an eviction policy may
     keep different tokens per head; while no policy has done so (``uniform``), all rows are equal and
     attention builds one mask per forward instead of one per layer and head.
+
+    ``bias`` (None until :meth:`add_bias`) is an additive attention-logit bias per layer, KV head and slot,
+    float32 [L, KVH, cap]: every query's score for that key gets it (blend's ``stale_bias``).
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256):
@@ -20,6 +23,7 @@ class KVCache:
         self.pos = torch.empty(layers, kv_heads, capacity, dtype=torch.long)  # [L, KVH, cap]
         self.length = 0  # slots in use
         self.uniform = True  # every layer and head holds the same positions
+        self.bias: torch.Tensor | None = None  # [L, KVH, cap] float32 logit bias per key, or None
 
     @property
     def capacity(self) -> int:
@@ -32,6 +36,10 @@ class KVCache:
         v, pos = torch.empty_like(k), torch.empty(self.layers, self.kv_heads, cap, dtype=torch.long)
         k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
         self.k, self.v, self.pos = k, v, pos
+        if self.bias is not None:
+            bias = torch.zeros(self.layers, self.kv_heads, cap)
+            bias[:, :, :n] = self.bias[:, :, :n]
+            self.bias = bias
 
     def append(self, positions: torch.Tensor) -> int:
         """Reserve slots for ``len(positions)`` new tokens at those positions; returns the first slot.
@@ -43,8 +51,21 @@ class KVCache:
         if start + t > self.capacity:
             self._grow(start + t)
         self.pos[:, :, start : start + t] = positions
+        if self.bias is not None:
+            self.bias[:, :, start : start + t] = 0.0
         self.length = start + t
         return start
+
+    def add_bias(self, first_layer: int, slots: torch.Tensor, value: float) -> None:
+        """Add ``value`` to the attention logits of the keys in ``slots`` [t] (all KV heads), in layers
+        ``first_layer`` and after, for every later attention over this cache (prefill and decoding)."""
+        if self.bias is None:
+            self.bias = torch.zeros(self.layers, self.kv_heads, self.capacity)
+        self.bias[first_layer:, :, slots] += value
+
+    def layer_bias(self, layer: int) -> torch.Tensor | None:
+        """The logit bias of one layer's cached tokens, [KVH, n], or None if the cache has none."""
+        return None if self.bias is None else self.bias[layer, :, : self.length]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [KVH, t, D]
@@ -104,6 +125,8 @@ class KVCache:
         self.k[:, :, :m] = torch.gather(self.k[:, :, :n], 2, idx)
         self.v[:, :, :m] = torch.gather(self.v[:, :, :n], 2, idx)
         self.pos[:, :, :m] = torch.gather(self.pos[:, :, :n], 2, slots)
+        if self.bias is not None:
+            self.bias[:, :, :m] = torch.gather(self.bias[:, :, :n], 2, slots)
         self.length = m
 
     def clone(self, upto: int | None = None) -> KVCache:
@@ -112,6 +135,9 @@ class KVCache:
         c = KVCache(self.layers, self.kv_heads, self.head_dim, self.dtype, capacity=max(1, n))
         c.k[:, :, :n], c.v[:, :, :n], c.pos[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
         c.length, c.uniform = n, self.uniform
+        if self.bias is not None:
+            c.bias = torch.zeros(self.layers, self.kv_heads, c.capacity)
+            c.bias[:, :, :n] = self.bias[:, :, :n]
         return c
 
     def truncate(self, length: int) -> None:

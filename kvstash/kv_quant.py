@@ -58,6 +58,9 @@ class QuantizedKVCache(KVCache):
         q = cls(cache.layers, cache.kv_heads, cache.head_dim, cache.dtype, config, n + extra, head_bits)
         q.pos[:, :, :n] = cache.pos[:, :, :n]
         q.length, q.uniform = n, cache.uniform
+        if cache.bias is not None:  # blend's logit bias on stale keys carries over to decoding
+            q.add_bias(0, torch.arange(n), 0.0)
+            q.bias[:, :, :n] = cache.bias[:, :, :n]
         for i, store in enumerate(q.stores):
             k, v, _ = cache.layer(i)
             store.append(k.half(), v.half())

@@ -110,7 +110,7 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
     """Build a method from what a user types: ``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``,
     ``cacheblend`` or ``cacheblend:0.3``.
 
-    ``opts`` are blend options (ratio, check_layer, select_by, gate, query_share); None values are ignored.
+    ``opts`` are blend options (ratio, check_layer, select_by, gate, query_share, stale_bias); None values are ignored.
     """
     import kvstash.blend as blend  # registers prefix, naive, blend
 
@@ -125,8 +125,11 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
             opts["ratio"] = float(arg)
         except ValueError:
             raise ValueError(f"blend ratio must be a number, e.g. blend:0.15; got {arg!r}") from None
-    if name == "cacheblend" and opts.get("query_share"):
-        raise ValueError("cacheblend is plain CacheBlend (no question share); use blend with --query-share")
+    if name == "cacheblend" and (opts.get("query_share") or opts.get("stale_bias")):
+        raise ValueError(
+            "cacheblend is plain CacheBlend (no question share, no stale bias); use blend with --query-share "
+            "or --stale-bias"
+        )
     cls = REUSE_METHODS[name]
     if name in ("naive", "blend", "cacheblend"):
         return cls(blend.BlendConfig(**opts), prefill_chunk=prefill_chunk)

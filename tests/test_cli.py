@@ -26,7 +26,14 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
     assert lines[-1].startswith("[prompt ") and "ttft" in lines[-1]
 
 
-@pytest.mark.parametrize("reuse", [["--reuse", "cacheblend"], ["--reuse", "blend", "--query-share", "1.0"]])
+@pytest.mark.parametrize(
+    "reuse",
+    [
+        ["--reuse", "cacheblend"],
+        ["--reuse", "blend", "--query-share", "1.0"],
+        ["--reuse", "blend", "--stale-bias", "0"],
+    ],
+)
 def test_ask_blend_flavours_over_a_store(tmp_path, capsys, reuse):
     docs = []
     for i, text in enumerate(["The Danube flows into the Black Sea.", "The secret code of the blue project is 4417."]):

@@ -19,7 +19,7 @@ from kvstash.evict import (
     top_slots,
     votes_per_kv_head,
 )
-from kvstash.forward import causal_mask
+from kvstash.forward import biased_mask, causal_mask
 from kvstash.kv import KVCache
 
 KVH, H, D = 2, 4, 4  # the constructed cases: 2 KV heads, 2 query heads each
@@ -236,3 +236,16 @@ def test_decode_evictor_holds_the_budget(engine) -> None:
             assert cache.positions.tolist() == [0, 1] + list(range(n + 4 - 10, n + 4))
         else:
             assert ev.votes.shape == (runner.num_layers, runner.kv_heads, 12)
+
+
+def test_attention_probs_takes_an_additive_float_mask() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(6, 4, 8), torch.randn(2, 5, 8)
+    mask = causal_mask(torch.arange(1, 5), torch.arange(5))  # [4, 5]
+    bias = torch.tensor([0.0, -1.0, 0.0, 0.5, 0.0])
+    plain = attention_probs(q, k, mask)
+    assert torch.allclose(attention_probs(q, k, biased_mask(mask, torch.zeros(5))), plain)
+    biased = attention_probs(q, k, biased_mask(mask, bias))  # weights times e^bias, then renormalized
+    expect = plain * bias.exp()
+    assert torch.allclose(biased, expect / expect.sum(-1, keepdim=True), atol=1e-6)
+    assert biased[:, 0, 4].abs().sum() == 0  # still causal

@@ -218,3 +218,12 @@ def test_cli_kv_bits_and_evict(capsys) -> None:
     assert 0 < out["kv_bytes"] < 2 * 30 * 3 * 64 * 2 * out["prompt_tokens"] / 2  # under half of fp16
     assert main([*args, "--evict", "snapkv:2.5"]) == 2
     assert "budget '2.5'" in capsys.readouterr().err
+
+
+def test_quantizing_keeps_the_caches_logit_bias() -> None:
+    dense = _cache(100)
+    dense.add_bias(1, torch.tensor([5, 50]), -0.25)
+    q = quantize_cache(dense, 4)
+    assert torch.equal(q.layer_bias(1), dense.layer_bias(1)) and q.layer_bias(0).abs().sum() == 0
+    q.append(torch.tensor([100]))
+    assert q.layer_bias(1).shape[-1] == 101 and q.layer_bias(1)[0, -1].item() == 0.0

@@ -61,3 +61,20 @@ def test_text_stream_releases_held_text_when_it_is_not_a_stop():
     ts = TextStream(_CharTokenizer(), stop=("END",))
     out = [ts.push(ord(c)) for c in "aENx"]
     assert "".join(out) + ts.flush() == "aENx" and not ts.stopped
+
+
+def test_logit_bias_follows_its_slots_through_grow_keep_and_clone():
+    c = KVCache(layers=2, kv_heads=2, head_dim=1, dtype=torch.float32, capacity=2)
+    c.extend(torch.zeros(2, 2, 3, 1), torch.zeros(2, 2, 3, 1), torch.arange(3))
+    assert c.layer_bias(0) is None  # no bias until one is added
+    c.add_bias(1, torch.tensor([0, 2]), -0.5)
+    assert c.layer_bias(0).tolist() == [[0.0, 0.0, 0.0]] * 2  # layers before first_layer untouched
+    assert c.layer_bias(1).tolist() == [[-0.5, 0.0, -0.5]] * 2
+    c.append(torch.tensor([3, 4, 5]))  # grows past capacity: new slots start unbiased
+    assert c.layer_bias(1).tolist() == [[-0.5, 0.0, -0.5, 0.0, 0.0, 0.0]] * 2
+    copy = c.clone()
+    c.keep(torch.tensor([[[2, 3], [0, 1]]] * 2))  # per head: each head keeps its own slots' bias
+    assert c.layer_bias(1).tolist() == [[-0.5, 0.0], [-0.5, 0.0]] and c.layer_bias(0).tolist() == [[0.0, 0.0]] * 2
+    assert copy.layer_bias(1)[0].tolist() == [-0.5, 0.0, -0.5, 0.0, 0.0, 0.0]
+    copy.append(torch.tensor([6]))
+    assert copy.layer_bias(1)[0, -1].item() == 0.0

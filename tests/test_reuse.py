@@ -190,8 +190,12 @@ def test_make_method_parses_specs_and_rejects_bad_ones():
     assert make_method("blend").cfg.query_share == 0.75  # question-focused by default
     plain = make_method("cacheblend:0.2")
     assert plain.name == "cacheblend" and plain.cfg.ratio == 0.2 and plain.cfg.query_share == 0.0
+    assert plain.cfg.stale_bias == 0.0 and make_method("blend").cfg.stale_bias == -0.25
+    assert make_method("blend", stale_bias=0.0).cfg.stale_bias == 0.0
     with pytest.raises(ValueError, match="use blend with --query-share"):
         make_method("cacheblend", query_share=0.9)
+    with pytest.raises(ValueError, match="no stale bias"):
+        make_method("cacheblend", stale_bias=-0.5)
     for bad, match in [
         ("blend:abc", "number"),
         ("magic", "unknown reuse"),
@@ -332,3 +336,46 @@ def test_stale_key_scale_scales_exactly_the_keys_not_recomputed(engine, source):
     assert _max_diff(whole.last_logits, full.last_logits) < 1e-3  # nothing stale: r = 1 is still full prefill
     with pytest.raises(ValueError, match="stale_key_scale must be > 0"):
         BlendConfig(stale_key_scale=0)
+
+
+def test_a_huge_negative_logit_bias_is_the_same_as_evicting_the_key(engine):
+    """Runner.forward adds the cache's bias to the attention logits: -1e9 on a slot = the slot removed."""
+    ids = torch.tensor(engine.tokenizer.encode(DOCS[0]))
+    n = len(ids)
+    prompt = engine.runner.new_cache()
+    engine.runner.forward(ids, torch.arange(n), prompt)
+    drop = torch.tensor([3, 7])
+    kept = torch.tensor([i for i in range(n) if i not in drop.tolist()])
+    biased, evicted, unbiased = prompt.clone(), prompt.clone(), prompt.clone()
+    biased.add_bias(0, drop, -1e9)
+    evicted.keep(kept)
+    unbiased.add_bias(0, drop, 0.0)  # a zero bias takes the float-mask path and changes nothing
+    step = (torch.tensor([ids[0].item()]), torch.tensor([n]))
+    ref = engine.runner.forward(*step, prompt.clone())
+    assert _max_diff(engine.runner.forward(*step, biased), engine.runner.forward(*step, evicted)) < 1e-4
+    assert _max_diff(engine.runner.forward(*step, unbiased), ref) < 1e-4
+    assert _max_diff(engine.runner.forward(*step, biased), ref) > 1e-3
+
+
+def test_stale_bias_marks_exactly_the_tokens_not_recomputed(engine, source):
+    cfg = BlendConfig(ratio=0.1, query_share=0.75, stale_bias=0.0)
+    plan, _, (plain, biased) = _paired(engine, source, [cfg, replace(cfg, stale_bias=-0.5)], order=(2, 0, 1))
+    assert plain.cache.bias is None
+    docs = [(p, s) for p, s in zip(plan.segments, biased.report.segments, strict=True) if s.kind == "document"]
+    stale = sum(s.tokens - s.recomputed for _, s in docs)
+    slots = torch.cat([torch.arange(p.start, p.end) for p, _ in docs])
+    bias = biased.cache.bias[:, :, : biased.cache.length]  # [L, KVH, n]
+    assert bias[0].abs().sum() == 0  # before the check layer every token ran fresh
+    for layer in (1, 2, 29):  # from the check layer on: the stale chunk tokens, every KV head, nothing else
+        assert int((bias[layer, :, slots] == -0.5).all(dim=0).sum()) == stale
+        assert int((bias[layer] != 0).any(dim=0).sum()) == stale
+    assert _max_diff(plain.last_logits, biased.last_logits) > 1e-3
+    n = biased.cache.length
+    after = engine.teacher_forced_logits(biased, list(plan.token_ids[5:8]))  # decoding appends unbiased slots
+    assert after.shape[0] == 3 and biased.cache.layer_bias(29)[:, n:].abs().sum() == 0
+    assert int((biased.cache.layer_bias(29) != 0).any(dim=0).sum()) == stale
+    full = FullPrefill().prefill(engine.runner, plan)
+    whole = BlendReuse(BlendConfig(ratio=1.0, stale_bias=-0.5)).prefill(engine.runner, plan, source)
+    assert _max_diff(whole.last_logits, full.last_logits) < 1e-3  # nothing stale: r = 1 is still full prefill
+    with pytest.raises(ValueError, match="stale_bias must be a finite"):
+        BlendConfig(stale_bias=float("nan"))
