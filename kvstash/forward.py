@@ -71,6 +71,8 @@ class Runner:
         attend) or additive float (:func:`biased_mask`) -> [Tq, H*D]."""
         if mask is not None and mask.dim() == 3:  # per-head positions after eviction
             mask = mask.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # some SDPA kernels want a float mask in the query's dtype
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
