@@ -80,8 +80,9 @@ def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: i
             k, v, k_pos = cache.layer(i)
             k, v = k[:, :e], v[:, :e]
             mask = causal_mask(pos, k_pos[0, :e])  # [T, e]
-            if cache.bias is not None:  # the logit bias the prompt's own attention had (blend's stale_bias)
-                mask = biased_mask(mask, cache.bias[i, 0, :e])
+            bias = cache.layer_bias(i)  # the logit bias the prompt's own attention had (blend's stale_bias)
+            if bias is not None:
+                mask = biased_mask(mask, bias[0, :e])
             probs = attention_probs(q, k, mask)  # [H, T, e]
             observe(i, q, probs, mask)
             if i + 1 < runner.num_layers:

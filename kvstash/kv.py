@@ -37,9 +37,7 @@ class KVCache:
         k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
         self.k, self.v, self.pos = k, v, pos
         if self.bias is not None:
-            bias = torch.zeros(self.layers, self.kv_heads, cap)
-            bias[:, :, :n] = self.bias[:, :, :n]
-            self.bias = bias
+            self.bias = self.copy_bias(n, cap)
 
     def append(self, positions: torch.Tensor) -> int:
         """Reserve slots for ``len(positions)`` new tokens at those positions; returns the first slot.
@@ -62,6 +60,13 @@ class KVCache:
         if self.bias is None:
             self.bias = torch.zeros(self.layers, self.kv_heads, self.capacity)
         self.bias[first_layer:, :, slots] += value
+
+    def copy_bias(self, n: int, capacity: int) -> torch.Tensor:
+        """The bias of slots ``[0, n)`` in a new [L, KVH, capacity] tensor; the slots after them unbiased."""
+        assert self.bias is not None and n <= capacity
+        bias = torch.zeros(self.layers, self.kv_heads, capacity)
+        bias[:, :, :n] = self.bias[:, :, :n]
+        return bias
 
     def layer_bias(self, layer: int) -> torch.Tensor | None:
         """The logit bias of one layer's cached tokens, [KVH, n], or None if the cache has none."""
@@ -136,8 +141,7 @@ class KVCache:
         c.k[:, :, :n], c.v[:, :, :n], c.pos[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
         c.length, c.uniform = n, self.uniform
         if self.bias is not None:
-            c.bias = torch.zeros(self.layers, self.kv_heads, c.capacity)
-            c.bias[:, :, :n] = self.bias[:, :, :n]
+            c.bias = self.copy_bias(n, c.capacity)
         return c
 
     def truncate(self, length: int) -> None:

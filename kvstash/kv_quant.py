@@ -59,8 +59,7 @@ class QuantizedKVCache(KVCache):
         q.pos[:, :, :n] = cache.pos[:, :, :n]
         q.length, q.uniform = n, cache.uniform
         if cache.bias is not None:  # blend's logit bias on stale keys carries over to decoding
-            q.add_bias(0, torch.arange(n), 0.0)
-            q.bias[:, :, :n] = cache.bias[:, :, :n]
+            q.bias = cache.copy_bias(n, q.capacity)
         for i, store in enumerate(q.stores):
             k, v, _ = cache.layer(i)
             store.append(k.half(), v.half())
