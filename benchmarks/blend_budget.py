@@ -17,18 +17,18 @@ from blend_study import greedy
 
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import contains_gold
-from kvstash.blend import BlendConfig, BlendReuse
-from kvstash.chunks import ChunkSource
 from kvstash.engine import Engine
 from kvstash.prompt import Segment
-from kvstash.reuse import FullPrefill
+from kvstash.reuse.blend import BlendConfig, BlendReuse
+from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.source import ChunkSource
 
 
 class TracedBlend(BlendReuse):
     """``blend`` that keeps the last request's layout (with its focus) and chosen mask."""
 
-    def run_layers(self, runner, cache, layout, observer=None):
-        out = super().run_layers(runner, cache, layout, observer)
+    def run_layers(self, runner, cache, layout, observe=None):
+        out = super().run_layers(runner, cache, layout, observe)
         self.layout, self.chosen = layout, out[1]
         return out
 
@@ -55,7 +55,6 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=6)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--query-share", type=float, default=0.75)
-    ap.add_argument("--focus-reduce", default="sum", choices=["sum", "max"], help="how the probe's attention adds up")
     ap.add_argument("--max-tokens", type=int, default=24)
     args = ap.parse_args()
     engine = Engine(codec="fp16")
@@ -66,7 +65,7 @@ def main() -> None:
         plan = engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
         ref = FullPrefill(engine.config.prefill_chunk).prefill(engine.runner, plan)
         ref_text = tok.decode(greedy(engine, ref, args.max_tokens), skip_special_tokens=True)
-        cfg = BlendConfig(ratio=args.ratio, query_share=args.query_share, focus_reduce=args.focus_reduce)
+        cfg = BlendConfig(ratio=args.ratio, query_share=args.query_share)
         method = TracedBlend(cfg)
         pre = method.prefill(engine.runner, plan, source)
         text = tok.decode(greedy(engine, pre, args.max_tokens), skip_special_tokens=True)

@@ -14,42 +14,31 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+from blend_variants import GradualBlend
 from tqdm import tqdm
 
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
-from kvstash.blend import BlendConfig, BlendReuse, NaiveReuse
-from kvstash.chunks import ChunkSource
 from kvstash.engine import Engine
 from kvstash.prompt import Segment
-from kvstash.reuse import FullPrefill, Prefilled
+from kvstash.reuse.blend import BlendConfig, BlendReuse
+from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.partial import NaiveReuse
+from kvstash.reuse.source import ChunkSource
+from kvstash.sampling import SamplingParams
 
 VARIANTS: dict[str, dict | None] = {
     "naive": None,
     "blend r=0.15 (plain)": dict(ratio=0.15),
     "blend r=0.30 (plain)": dict(ratio=0.30),
-    "blend r=0.15 kv-dev": dict(ratio=0.15, select_by="kv"),
-    "blend r=0.15 per-chunk": dict(ratio=0.15, per_chunk=True),
     "blend r=0.15 gradual 0.4>0.15": dict(ratio=0.15, schedule=(0.4,)),
     "blend r=0.15 check@2": dict(ratio=0.15, check_layer=2),
-    "blend r=0.15 sink=4": dict(ratio=0.15, sink=4),
-    "blend r=0.15 head-ctx": dict(ratio=0.15, head_context=True),
     "blend r=0.15 question 0.5": dict(ratio=0.15, query_share=0.5),
     "blend r=0.15 question 0.75": dict(ratio=0.15, query_share=0.75),
     "blend r=0.15 question 1.0": dict(ratio=0.15, query_share=1.0),
-    "blend r=0.15 question 0.5 pool 15": dict(ratio=0.15, query_share=0.5, focus_pool=15),
-    "blend r=0.15 question 0.75 sink=4": dict(ratio=0.15, query_share=0.75, sink=4),
-    "blend r=0.15 question 0.75 from 10": dict(ratio=0.15, query_share=0.75, focus_from=10),
-    "blend r=0.15 question 0.75 from 20": dict(ratio=0.15, query_share=0.75, focus_from=20),
-    "blend r=0.15 question 0.75 per chunk": dict(ratio=0.15, query_share=0.75, focus_scope="chunk"),
-    "blend r=0.15 question 0.75 relative": dict(ratio=0.15, query_share=0.75, focus_scope="relative"),
-    "blend r=0.15 question 0.75 max": dict(ratio=0.15, query_share=0.75, focus_reduce="max"),
-    "blend r=0.15 question 0.5 max": dict(ratio=0.15, query_share=0.5, focus_reduce="max"),
-    "blend r=0.15 question 0.75 keys x1.1": dict(ratio=0.15, query_share=0.75, stale_key_scale=1.1),
-    "blend r=0.15 question 0.75 keys x0.9": dict(ratio=0.15, query_share=0.75, stale_key_scale=0.9),
     "blend r=0.15 question 0.75 stale bias -0.25": dict(ratio=0.15, query_share=0.75, stale_bias=-0.25),
     "blend r=0.15 question 0.75 stale bias -0.5": dict(ratio=0.15, query_share=0.75, stale_bias=-0.5),
     "blend r=0.15 question 0.75 stale bias -1.0": dict(ratio=0.15, query_share=0.75, stale_bias=-1.0),
@@ -60,44 +49,29 @@ VARIANTS: dict[str, dict | None] = {
     ),
     "blend r=0.19 question 0.75": dict(ratio=0.19, query_share=0.75),
     "blend r=0.17 question 1.0 check@0": dict(ratio=0.17, query_share=1.0, check_layer=0),
-    "blend r=0.15 question 0.75 head-ctx": dict(ratio=0.15, query_share=0.75, head_context=True),
     "blend r=0.15 question 0.25": dict(ratio=0.15, query_share=0.25),
-    "blend r=0.15 question chunk 1.0": dict(ratio=0.15, query_share=1.0, focus_by_chunk=True),
-    "blend r=0.15 question chunk 0.5": dict(ratio=0.15, query_share=0.5, focus_by_chunk=True),
-    "naive head-ctx": dict(ratio=0.0, head_context=True, naive=True),
-    "blend r=0.15 head-ctx gradual": dict(ratio=0.15, head_context=True, schedule=(0.4,)),
 }
 
 
 def method_for(name: str, spec: dict | None, chunk: int):
     if spec is None:
-        return NaiveReuse(BlendConfig(), prefill_chunk=chunk)
+        return NaiveReuse(prefill_chunk=chunk)
     # variants are plain CacheBlend unless they name a question share or a stale bias
     spec = {"query_share": 0.0, "stale_bias": 0.0, **spec}
-    if spec.pop("naive", False):
-        return NaiveReuse(BlendConfig(**spec), prefill_chunk=chunk)
+    schedule = spec.pop("schedule", ())
+    if schedule:
+        return GradualBlend(BlendConfig(**spec), schedule, prefill_chunk=chunk)
     return BlendReuse(BlendConfig(**spec), prefill_chunk=chunk)
 
 
-@torch.inference_mode()
-def greedy(engine: Engine, pre: Prefilled, max_tokens: int) -> list[int]:
-    cache, logits, out = pre.cache.clone(), pre.last_logits, []
-    pos = cache.next_position()
-    for _ in range(max_tokens):
-        tok = int(logits.argmax())
-        if tok in engine.eos_ids:
-            break
-        out.append(tok)
-        logits = engine.runner.forward(torch.tensor([tok]), torch.tensor([pos]), cache)
-        pos += 1
-    return out
+def greedy(engine: Engine, pre, max_tokens: int) -> list[int]:
+    """Greedy answer ids after a prefill, leaving ``pre.cache`` as it was (it is scored teacher-forced next)."""
+    return engine.decode(replace(pre, cache=pre.cache.clone()), SamplingParams(max_tokens=max_tokens)).token_ids
 
 
 def run(args) -> dict:
     engine = Engine(codec=args.codec)
-    # one store per kind of chunk KV, so that head-context chunks (which are also the in-context prefix KV of a
-    # document placed first) never turn a plain variant's first document into an exact prefix hit
-    sources = {hc: ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:4GiB", args.codec) for hc in (0, 1)}
+    source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:4GiB", args.codec)
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed)
     names = [v for v in VARIANTS if not args.only or v in args.only]
     unknown = set(args.only or ()) - set(VARIANTS)
@@ -125,11 +99,9 @@ def run(args) -> dict:
                 tokens=len(plan),
             )
         )
-        for hc in {int(bool((VARIANTS[n] or {}).get("head_context"))) for n in names}:  # warm what is used
-            NaiveReuse(BlendConfig(head_context=bool(hc))).prefill(engine.runner, plan, sources[hc])
+        NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
         for name in names:
             method = method_for(name, VARIANTS[name], engine.config.prefill_chunk)
-            source = sources[int(method.cfg.head_context)]
             t = time.perf_counter()
             pre = method.prefill(engine.runner, plan, source)
             ttft = time.perf_counter() - t
@@ -147,8 +119,7 @@ def run(args) -> dict:
                     gate=pre.report.gate_fired,
                 )
             )
-        for source in sources.values():  # each example starts cold; the warm-up above fills what it needs
-            source.store.clear()
+        source.store.clear()  # each example starts cold; the warm-up above fills what it needs
         if args.out:  # partial results after every example
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{args.dataset}.partial.json").write_text(json.dumps(summarize(rows, args), default=str))

@@ -31,13 +31,14 @@ import torch
 
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
+from kvstash.cache.quantized import quantize_cache
+from kvstash.compress.bits import allocate_head_bits
+from kvstash.compress.evict import parse_evict
 from kvstash.engine import Engine, EngineConfig
-from kvstash.evict import parse_evict
-from kvstash.kv_alloc import allocate_head_bits
-from kvstash.kv_quant import quantize_cache
 from kvstash.prompt import Segment
 from kvstash.reuse import Prefilled
-from kvstash.store.codec import get_codec
+from kvstash.sampling import SamplingParams
+from kvstash.store.codec_registry import get_codec
 
 BITS = (16, 8, 4, 2)
 POLICIES = ("snapkv", "streaming", "h2o")
@@ -50,7 +51,7 @@ class Setting:
     name: str
     kv_bits: int | None = None
     evict: str | None = None  # policy:budget
-    kv_alloc: str | None = None  # "mixed": per-KV-head key/value widths (kvstash.kv_alloc)
+    kv_alloc: str | None = None  # "mixed": per-KV-head key/value widths (kvstash.compress.bits)
 
 
 SETTINGS = [
@@ -61,19 +62,10 @@ SETTINGS = [
 ]
 
 
-@torch.inference_mode()
-def greedy(engine: Engine, pre: Prefilled, start: int, max_tokens: int) -> tuple[list[int], float]:
-    """Greedy decoding from a prefilled cache, as the engine's decode loop; returns (ids, decode tok/s)."""
-    token, ids, pos = int(pre.last_logits.argmax()), [], start
-    t = time.perf_counter()
-    while token not in engine.eos_ids:
-        ids.append(token)
-        if len(ids) >= max_tokens:
-            break
-        token = int(engine.runner.forward(torch.tensor([token]), torch.tensor([pos]), pre.cache).argmax())
-        pos += 1
-    dt = time.perf_counter() - t
-    return ids, (len(ids) - 1) / dt if len(ids) > 1 and dt > 0 else 0.0
+def greedy(engine: Engine, pre: Prefilled, max_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding from a prefilled cache with the engine's decode loop; returns (ids, decode tok/s)."""
+    res = engine.decode(pre, SamplingParams(max_tokens=max_tokens))
+    return res.token_ids, res.decode_tok_s
 
 
 def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) -> tuple[Prefilled, float]:
@@ -81,7 +73,7 @@ def compressed(engine: Engine, base: Prefilled, plan, s: Setting, scores: dict) 
     per policy and example (``scores``: name -> (scores, seconds)) and their time is counted in every row."""
     t = time.perf_counter()
     cache, score_s, head_bits = base.cache.clone(), 0.0, None
-    if s.kv_alloc:  # measured on the cache as prefilled, as kvstash.compress.Compression does
+    if s.kv_alloc:  # measured on the cache as prefilled, as kvstash.compress.pipeline.Compression does
         head_bits = allocate_head_bits(engine.runner, cache, plan.token_ids, s.kv_bits)
     if s.evict:
         policy = parse_evict(s.evict)
@@ -115,7 +107,7 @@ def run_example(engine: Engine, ex, max_tokens: int, settings: list[Setting]) ->
     for s in settings:  # the first is full precision: the reference of the others
         pre, compress_s = compressed(engine, base, plan, s, scores)
         kv_bytes = pre.cache.nbytes
-        ids, tok_s = greedy(engine, pre, n, max_tokens)
+        ids, tok_s = greedy(engine, pre, max_tokens)
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         if ref is None:
             full_ids, full_text = ids, text

@@ -17,7 +17,6 @@ import torch
 
 import kvstash
 from kvstash.engine import Engine
-from kvstash.reuse import compute_tokens
 
 
 def prompt_ids(engine: Engine, tokens: int) -> torch.Tensor:
@@ -32,7 +31,7 @@ def ours(engine: Engine, ids: torch.Tensor, decode: int) -> tuple[float, float]:
     r = engine.runner
     t = time.perf_counter()
     cache = r.new_cache(len(ids) + decode + 1)
-    logits = compute_tokens(r, cache, ids.tolist(), 0, engine.config.prefill_chunk)
+    logits = r.prefill(cache, ids.tolist(), 0, engine.config.prefill_chunk)
     prefill = time.perf_counter() - t
     tok, pos = int(logits.argmax()), len(ids)
     t = time.perf_counter()

@@ -11,7 +11,7 @@ whole groups of G tokens (keys per channel) and G channels (values per token). P
 KL(full || variant) along the full-precision greedy answer (teacher-forced) and greedy answer agreement.
 
 ``--per-layer`` instead quantizes one tensor at a time (one layer's keys, or its values, at 4 bits) and
-reports each tensor's answer KL next to the score :func:`kvstash.kv_alloc.sensitivity` gives it (what
+reports each tensor's answer KL next to the score :func:`kvstash.compress.bits.sensitivity` gives it (what
 ``--kv-alloc mixed`` allocates bits by, per KV head; here averaged over the layer's heads), with their
 Spearman rank correlation.
 """
@@ -28,14 +28,14 @@ from blend_study import greedy  # this folder's scripts: run as benchmarks/quant
 
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, kl_divergence
+from kvstash.cache.kivi import dequantize, quantize
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import KVQuantConfig
+from kvstash.compress.bits import sensitivity
 from kvstash.engine import Engine, EngineConfig
-from kvstash.kv import KVCache
-from kvstash.kv_alloc import sensitivity
+from kvstash.model.rope import Rope, reposition
 from kvstash.prompt import Segment
-from kvstash.quant import dequantize, quantize
-from kvstash.quant_cache import KVQuantConfig
 from kvstash.reuse import Prefilled
-from kvstash.rope import Rope, reposition
 
 VARIANTS: dict[str, dict] = {
     "kv4 (decode-cache default: G=64, R=32, 1 sink)": {},

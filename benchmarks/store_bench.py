@@ -32,8 +32,8 @@ import redis
 import torch
 
 from kvstash.bench.datasets import load_dataset
-from kvstash.chunking import document_chunks
 from kvstash.engine import Engine
+from kvstash.splitting import document_chunks
 from kvstash.store import StoreConfig, TieredStore, encode_record, open_store
 from kvstash.store.disk import SUFFIX
 
@@ -121,7 +121,7 @@ def run(engine: Engine, args, root: Path, redis_url: str) -> list[dict]:
                 key = store.key(ids)
                 if tier == "disk-cold":
                     drop_page_cache(store.tiers[0].root / f"{key}{SUFFIX}")
-                elapsed = timed(lambda store=store, key=key, ids=ids: store.fetch(key, ids))
+                elapsed = timed(lambda store=store, key=key, ids=ids: store.get(key, ids))
                 if rnd:
                     load[size, codec, tier].append(elapsed)
             if rnd:

@@ -1,21 +1,22 @@
-"""Engine: load a model, take segments, build the prompt's KV with a reuse method, and decode."""
+"""Engine: load a model, plan the prompt's segments, build its KV with a reuse method, compress it, decode."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvstash.chunks import DEFAULT_STORE, ChunkSource
-from kvstash.compress import Compression
+from kvstash.compress.pipeline import Compression
 from kvstash.detok import TextStream
-from kvstash.forward import Runner
-from kvstash.models import DEFAULT_MODEL, LoadedModel, load_model
+from kvstash.model.registry import DEFAULT_MODEL, LoadedModel, load_model
+from kvstash.model.runner import Runner
 from kvstash.prompt import PromptBuilder, PromptPlan, Segment
-from kvstash.reuse import Prefilled, PrefillReport, ReuseMethod, make_method
+from kvstash.reuse import DEFAULT_STORE, ChunkSource, Prefilled, PrefillReport, ReuseMethod, make_method
+from kvstash.reuse.source import IngestReport
 from kvstash.sampling import SamplingParams, sample
+from kvstash.store import TieredStore, TierStats
 
 
 @dataclass(frozen=True)
@@ -75,25 +76,34 @@ class GenerationResult:
 
 
 class Generation:
-    """A streaming generation: iterate for text deltas; ``result`` is set once iteration ends."""
+    """A streaming generation: iterate for text deltas; ``result`` is set once iteration ends. ``close()`` (or
+    closing the iterator) stops it between tokens."""
 
-    def __init__(self, it: Iterator[str]):
-        self._it = it
+    def __init__(self, steps: Generator[str, None, GenerationResult]):
         self.result: GenerationResult | None = None
+        self._it = self._run(steps)
+
+    def _run(self, steps: Generator[str, None, GenerationResult]) -> Iterator[str]:
+        self.result = yield from steps
 
     def __iter__(self) -> Iterator[str]:
         return self._it
 
+    def close(self) -> None:
+        """Stop generating (between tokens); ``result`` stays None."""
+        self._it.close()
+
 
 class Engine:
-    """Loads a model once and answers prompts given as segments."""
+    """Loads a model once and answers prompts given as segments. Use as a context manager, or call
+    :meth:`close`, to release the chunk store."""
 
     def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None, **overrides):
         self.config = config or EngineConfig(**overrides)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.lm = loaded or load_model(self.config.model, getattr(torch, self.config.dtype))
-        self.runner = Runner(self.lm.model)
+        self.runner = Runner(self.lm.model, block=self.config.prefill_chunk)
         self.builder = PromptBuilder(self.lm.tokenizer)
         self._chunks: ChunkSource | None = None  # opened on first use by a reuse method
         self.eos_ids = self._eos_ids()
@@ -115,6 +125,33 @@ class Engine:
     def tokenizer(self):
         return self.lm.tokenizer
 
+    def ingest(self, texts: Iterable[str], progress: Callable[[int], None] | None = None) -> IngestReport:
+        """Compute and store the standalone KV of each text as a document segment (chunks the store already
+        holds are skipped), so later prompts that pass the same texts as documents reuse it. ``progress(tokens)``
+        is called after each one."""
+        return self.chunks.ingest((self.builder.tokenize(t, "document") for t in texts), progress)
+
+    @property
+    def store(self) -> TieredStore:
+        """The chunk store itself (its tiers, keys, records), opened on first use."""
+        return self.chunks.store
+
+    def store_stats(self) -> list[TierStats]:
+        """One :class:`TierStats` per tier of the chunk store, fastest first (opens the store if needed)."""
+        return self.store.stats()
+
+    def close(self) -> None:
+        """Close the chunk store (connections, files). The engine may open it again on next use."""
+        if self._chunks is not None:
+            self._chunks.close()
+            self._chunks = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
         gen = getattr(self.lm.model, "generation_config", None)
@@ -122,7 +159,9 @@ class Engine:
         ids |= set(extra) if isinstance(extra, list) else {extra}
         return {i for i in ids if i is not None}
 
+    # --- the steps of a request ------------------------------------------------------------------------------
     def plan(self, segments: list[Segment]) -> PromptPlan:
+        """The prompt laid out and tokenized (each segment once). TypeError / ValueError for bad segments."""
         if not isinstance(segments, list | tuple) or not all(isinstance(s, Segment) for s in segments):
             raise TypeError("segments must be a list of kvstash.Segment")
         return self.builder.build(list(segments))
@@ -133,10 +172,8 @@ class Engine:
             return reuse
         return make_method(reuse or "full", self.config.prefill_chunk, **opts)
 
-    def _source(self, method: ReuseMethod) -> ChunkSource | None:
-        return None if method.name == "full" else self.chunks
-
     def check_length(self, plan: PromptPlan) -> None:
+        """ValueError when the prompt leaves no room for one generated token in the model's context."""
         limit = self.lm.context_limit
         if len(plan) + 1 > limit:
             raise ValueError(
@@ -147,29 +184,31 @@ class Engine:
     def prefill(
         self, plan: PromptPlan, reuse: str | ReuseMethod | None = None, *, kv_bits=None, evict=None, kv_alloc=None
     ) -> Prefilled:
-        """The prompt's cache and first-token logits; ``evict`` / ``kv_bits`` compress the cache afterwards
-        (eviction while decoding, ``:decode``, applies only in :meth:`stream`)."""
+        """The prompt's cache and first-token logits; ``evict`` / ``kv_bits`` / ``kv_alloc`` compress the cache
+        afterwards (see :meth:`stream`). ValueError for a prompt over the context or bad options."""
         self.check_length(plan)
-        comp = Compression.parse(kv_bits, evict, kv_alloc)
-        method = self.method(reuse)
-        pre = method.prefill(self.runner, plan, self._source(method))
-        comp.apply(self.runner, pre, plan.token_ids)
-        return pre
+        return self._prefill(plan, self.method(reuse), Compression.parse(kv_bits, evict, kv_alloc))
+
+    def _prefill(self, plan: PromptPlan, method: ReuseMethod, comp: Compression) -> Prefilled:
+        pre = method.prefill(self.runner, plan, self.chunks if method.needs_store else None)
+        cache, evictor, head_bits = comp.apply(self.runner, pre.cache, plan.token_ids)
+        pre.report.kv_head_bits = head_bits
+        return replace(pre, cache=cache, evictor=evictor)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, pre: Prefilled, answer_ids: list[int]) -> torch.Tensor:
         """Next-token logits along a given answer after a prefill: row i is the distribution of answer token i
         given the prompt and answer[:i]. Returns [len(answer_ids), vocab]. Extends ``pre.cache``."""
-        if not answer_ids:
+        if len(answer_ids) < 2:
             return pre.last_logits[None]
         pos = pre.cache.next_position()
         ids = torch.tensor(answer_ids[:-1], dtype=torch.long)
         rest = self.runner.forward(ids, torch.arange(pos, pos + len(ids)), pre.cache, all_logits=True)
-        return torch.cat([pre.last_logits[None], rest]) if len(ids) else pre.last_logits[None]
+        return torch.cat([pre.last_logits[None], rest])
 
     def stream(
         self,
-        segments: list[Segment],
+        prompt: list[Segment] | PromptPlan,
         params: SamplingParams | None = None,
         reuse=None,
         *,
@@ -179,24 +218,31 @@ class Engine:
     ) -> Generation:
         """Start generating; iterate the returned Generation for text deltas. Errors in input raise here.
 
-        ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress the prompt's
-        cache after prefill: evict first, then quantize; ``kv_alloc="mixed"`` (with ``kv_bits=4``) gives each
-        KV head's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
-        params = params or SamplingParams()
+        ``prompt``: segments, or a plan from :meth:`plan` (so a caller that planned it already does not
+        tokenize twice). ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress
+        the prompt's cache after prefill: evict first, then quantize; ``kv_alloc="mixed"`` (with ``kv_bits=4``)
+        gives each KV head's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
         t0 = time.perf_counter()
-        plan = self.plan(segments)
+        plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
         self.check_length(plan)
         method = self.method(reuse)
         comp = Compression.parse(kv_bits, evict, kv_alloc)
-        gen = Generation(iter(()))
-        gen._it = self._decode(gen, plan, method, params, t0, comp)
-        return gen
+        return Generation(self._generate(plan, method, comp, params or SamplingParams(), t0))
 
     def generate(
-        self, segments: list[Segment], params: SamplingParams | None = None, reuse=None, **compression
+        self, prompt: list[Segment] | PromptPlan, params: SamplingParams | None = None, reuse=None, **compression
     ) -> GenerationResult:
         """:meth:`stream` to the end; ``compression``: its ``kv_bits``, ``evict`` and ``kv_alloc``."""
-        gen = self.stream(segments, params, reuse, **compression)
+        gen = self.stream(prompt, params, reuse, **compression)
+        for _ in gen:
+            pass
+        assert gen.result is not None
+        return gen.result
+
+    def decode(self, pre: Prefilled, params: SamplingParams | None = None) -> GenerationResult:
+        """Generate the answer after a prefill (from :meth:`prefill`). Extends ``pre.cache``; clone it first
+        (``replace(pre, cache=pre.cache.clone())``) to keep the prompt's cache for something else."""
+        gen = Generation(self._decode(pre, params or SamplingParams(), time.perf_counter()))
         for _ in gen:
             pass
         assert gen.result is not None
@@ -208,24 +254,19 @@ class Engine:
         segs = ([Segment(system, "system")] if system else []) + [Segment(d) for d in documents]
         return self.generate([*segs, Segment(question, "user")], SamplingParams(**kw), reuse)
 
+    def _generate(self, plan, method, comp, params, t0) -> Generator[str, None, GenerationResult]:
+        pre = self._prefill(plan, method, comp)
+        return (yield from self._decode(pre, params, t0))
+
     @torch.inference_mode()
-    def _decode(
-        self,
-        gen: Generation,
-        plan: PromptPlan,
-        method: ReuseMethod,
-        params: SamplingParams,
-        t0: float,
-        comp: Compression,
-    ):
-        pre = method.prefill(self.runner, plan, self._source(method))
-        evictor = comp.apply(self.runner, pre, plan.token_ids)
-        cache, logits, kv_bytes = pre.cache, pre.last_logits, pre.cache.nbytes
+    def _decode(self, pre: Prefilled, params: SamplingParams, t0: float) -> Generator[str, None, GenerationResult]:
+        """Sample the first token from ``pre``, then decode one token per forward until EOS, a stop string,
+        ``max_tokens`` or the context limit. Yields text deltas; returns the result."""
+        cache, kv_bytes, evictor = pre.cache, pre.cache.nbytes, pre.evictor
         rng = params.generator()
         text = TextStream(self.tokenizer, params.stop)
-        limit = self.lm.context_limit
-        pos = len(plan)
-        token = sample(logits, params, rng)
+        pos = pre.report.prompt_tokens
+        token = sample(pre.last_logits, params, rng)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         finish = "length"
@@ -239,10 +280,9 @@ class Engine:
             if text.stopped:
                 finish = "stop"
                 break
-            if len(text.ids) >= params.max_tokens or pos + 1 >= limit:
+            if len(text.ids) >= params.max_tokens or pos + 1 >= self.lm.context_limit:
                 break
-            observer = evictor.observe if evictor else None
-            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, observer=observer)
+            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, hook=evictor)
             if evictor:
                 evictor.step(cache)
             pos += 1
@@ -250,19 +290,21 @@ class Engine:
         tail = text.flush()
         if tail:
             yield tail
-        decode_s = time.perf_counter() - t1
-        n = len(text.ids)
-        computed = pre.report.recomputed_tokens
-        gen.result = GenerationResult(
+        return self._result(pre, text, finish, ttft, time.perf_counter() - t1, kv_bytes)
+
+    @staticmethod
+    def _result(pre: Prefilled, text: TextStream, finish: str, ttft: float, decode_s: float, kv_bytes: int):
+        n, report = len(text.ids), pre.report
+        return GenerationResult(
             text=text.text,
             finish_reason=finish,
-            prompt_tokens=len(plan),
+            prompt_tokens=report.prompt_tokens,
             completion_tokens=n,
             token_ids=list(text.ids),
             ttft_s=ttft,
-            prefill_tok_s=computed / pre.report.compute_s if pre.report.compute_s > 0 else 0.0,
+            prefill_tok_s=report.recomputed_tokens / report.compute_s if report.compute_s > 0 else 0.0,
             decode_s=decode_s,
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            prefill=pre.report,
+            prefill=report,
             kv_bytes=kv_bytes,
         )

@@ -7,7 +7,7 @@ import torch
 
 from kvstash.engine import Engine
 from kvstash.prompt import DEFAULT_SYSTEM, Segment
-from kvstash.reuse import FullPrefill
+from kvstash.reuse.full import FullPrefill
 from kvstash.sampling import SamplingParams
 
 DOCS = [

@@ -7,20 +7,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvstash.evict import (
+from kvstash.cache.kv import KVCache
+from kvstash.compress.evict import (
     H2O,
     DecodeEvictor,
     SnapKV,
     StreamingLLM,
-    attention_probs,
-    attention_votes,
     parse_evict,
     start_eviction,
     top_slots,
-    votes_per_kv_head,
 )
-from kvstash.forward import biased_mask, causal_mask
-from kvstash.kv import KVCache
+from kvstash.model.attention import attention_probs, biased_mask, causal_mask, votes_per_kv_head
+from kvstash.model.replay import attention_votes
+from kvstash.model.runner import Runner, Watch
 
 KVH, H, D = 2, 4, 4  # the constructed cases: 2 KV heads, 2 query heads each
 
@@ -33,20 +32,22 @@ def _cache(n: int, kv_heads: int = KVH, layers: int = 1, seed: int = 0) -> KVCac
     return cache
 
 
-class FakeRunner:
-    """One layer whose queries are given per position: just what ``attention_votes`` reads of a Runner."""
-
-    num_layers = 1
+class FakeRunner(Runner):
+    """The real layer loop over one fake layer whose queries are given per position."""
 
     def __init__(self, q_at: torch.Tensor):
         self.q_at = q_at  # [H, n, D]: the query of each position
+        self.num_layers, self.block = 1, 512
         self.rope = SimpleNamespace(cos_sin=lambda pos: (pos, pos))
 
     def embed(self, ids):
         return torch.zeros(len(ids), 1)
 
-    def qkv(self, layer, h, cos, sin):
-        return self.q_at[:, cos], None, None  # cos carries the positions
+    def qkv(self, layer, h, cos, sin):  # cos carries the positions; replay writes no keys or values
+        return self.q_at[:, cos], torch.zeros(KVH, len(cos), D), torch.zeros(KVH, len(cos), D)
+
+    def finish(self, layer, h, attn_out):
+        return h
 
 
 # --- parsing and budgets ---------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_replayed_votes_equal_the_attention_of_one_full_forward(engine) -> None:
     n, w = len(ids), 6
     seen = {}
     cache = runner.new_cache()
-    runner.forward(ids, torch.arange(n), cache, observer=lambda i, q, k, m: seen.setdefault(i, (q, k, m)))
+    runner.forward(ids, torch.arange(n), cache, hook=Watch(lambda i, q, k, m: seen.setdefault(i, (q, k, m))))
     votes = attention_votes(runner, cache, ids.tolist(), n - w, n, block=4)
     for i, (q, k, m) in seen.items():
         ref = votes_per_kv_head(attention_probs(q, k, m)[:, n - w :], runner.kv_heads)
@@ -229,7 +230,7 @@ def test_decode_evictor_holds_the_budget(engine) -> None:
         assert isinstance(ev, DecodeEvictor) and cache.length == 12
         for step in range(4):
             pos = n + step
-            runner.forward(torch.tensor([264]), torch.tensor([pos]), cache, observer=ev.observe)
+            runner.forward(torch.tensor([264]), torch.tensor([pos]), cache, hook=ev)
             ev.step(cache)
             assert cache.length == 12 and bool((cache.pos[:, :, : cache.length] == pos).any(dim=-1).all())
         if policy.name == "streaming":

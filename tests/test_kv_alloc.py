@@ -11,13 +11,14 @@ import torch
 
 import kvstash
 from kvstash.bench.methods import parse_method
-from kvstash.compress import Compression
-from kvstash.kv import KVCache
-from kvstash.kv_alloc import allocate_bits, sensitivity
-from kvstash.kv_quant import QuantizedKVCache, quantize_cache
+from kvstash.cache.kivi import quantized_tensor_nbytes
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
+from kvstash.cache.quantized import QuantizedKVCache, quantize_cache
+from kvstash.compress.bits import allocate_bits, sensitivity
+from kvstash.compress.pipeline import Compression
+from kvstash.model.runner import Watch
 from kvstash.prompt import Segment
-from kvstash.quant import quantized_tensor_nbytes
-from kvstash.quant_cache import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
 from kvstash.sampling import SamplingParams
 
 L, KVH, D = 3, 3, 64
@@ -159,7 +160,7 @@ def test_sensitivity_is_the_relative_error_of_the_attention_output(engine) -> No
     replay = cache.clone()
     replay.truncate(len(ids) - window)  # the same queries, from the runner's own forward
     r.forward(torch.tensor(ids[-window:]), torch.arange(len(ids) - window, len(ids)), replay,
-              observer=lambda layer, q, k, m: queries.__setitem__(layer, (q, m)))  # fmt: skip
+              hook=Watch(lambda layer, q, k, m: queries.__setitem__(layer, (q, m))))  # fmt: skip
     for layer in (0, 7, 18):
         q, mask = queries[layer]
         k, v, _ = cache.layer(layer)

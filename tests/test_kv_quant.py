@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from kvstash.bench.metrics import kl_divergence
-from kvstash.compress import Compression
+from kvstash.cache.kivi import quantized_tensor_nbytes
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import KVQuantConfig, QuantizedLayerCache
+from kvstash.cache.quantized import QuantizedKVCache, quantize_cache
+from kvstash.compress.pipeline import Compression
 from kvstash.engine import Engine, EngineConfig
-from kvstash.kv import KVCache
-from kvstash.kv_quant import QuantizedKVCache, quantize_cache
 from kvstash.prompt import Segment
-from kvstash.quant import quantized_tensor_nbytes
-from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
 from kvstash.sampling import SamplingParams
 
 L, KVH, D = 2, 3, 64

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kvstash.cache.kv import KVCache
 from kvstash.detok import TextStream
-from kvstash.kv import KVCache
-from kvstash.rope import reposition
+from kvstash.model.rope import reposition
 
 
 def test_cache_grows_and_keeps_contents():

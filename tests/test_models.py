@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvstash import models
+from kvstash.model import registry as models
 
 
 def test_unknown_model_lists_known_ones():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstash.quant import (
+from kvstash.cache.kivi import (
     Quantized,
     dequantize,
     dequantize_kv,
@@ -20,8 +20,8 @@ from kvstash.quant import (
     quantized_tensor_nbytes,
     unpack_bits,
 )
-from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
-from kvstash.store.codec import CODECS
+from kvstash.cache.layer import KVQuantConfig, QuantizedLayerCache
+from kvstash.store.codec_registry import CODECS
 
 BITS = (2, 4, 8)
 
@@ -222,7 +222,7 @@ def test_codec_round_trip(name: str) -> None:
 
 def test_get_codec_round_trip() -> None:
     pytest.importorskip("kvstash.store.dense_codec", reason="get_codec needs the dense codecs module")
-    from kvstash.store.codec import get_codec
+    from kvstash.store.codec_registry import get_codec
 
     codec = get_codec("kivi4")
     shape = (2, 2, 64, 32)

@@ -8,12 +8,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvstash.blend import BlendConfig, BlendReuse, CacheBlendReuse, NaiveReuse, PrefixReuse, pool_focus
-from kvstash.chunks import ChunkSource, ChunkStats
+from kvstash.cache.kv import KVCache
+from kvstash.model.rope import Rope
+from kvstash.model.runner import LayerHook, Rows, Runner
 from kvstash.prompt import Segment
-from kvstash.reuse import FullPrefill, make_method
-from kvstash.rope import Rope
-from kvstash.selection import chunk_heads, deviation, gate, segment_means, top_share
+from kvstash.reuse import make_method
+from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
+from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.partial import NaiveReuse
+from kvstash.reuse.prefix import PrefixReuse
+from kvstash.reuse.report import PrefillReport
+from kvstash.reuse.selection import deviation, gate, top_share
+from kvstash.reuse.source import ChunkSource
 
 DOCS = [
     "Marie Curie discovered polonium and radium together with Pierre Curie in Paris.",
@@ -45,12 +51,6 @@ def _paired(engine, source, configs, order=(0, 2, 1), cls=BlendReuse):
     return plan, methods, [m.prefill(engine.runner, plan, source) for m in methods]
 
 
-def _same_budget_spent_elsewhere(a, b) -> None:
-    """Two blends with the same number of recomputed tokens, spread differently over the segments."""
-    assert a.report.recomputed_tokens == b.report.recomputed_tokens
-    assert [s.recomputed for s in a.report.segments] != [s.recomputed for s in b.report.segments]
-
-
 def test_blend_ratio_one_equals_full_prefill(engine, source):
     plan = _plan(engine, (2, 0, 1))
     full = FullPrefill().prefill(engine.runner, plan)
@@ -67,7 +67,7 @@ def test_a_document_repeated_in_one_prompt_is_looked_up_once(engine, source):
     plan = _plan(engine, (2, 0, 2))
     docs = [i for i, seg in enumerate(plan.segments) if seg.kind == "document"]
     segs = [plan.segments[i] for i in docs]
-    cold, warm = ChunkStats(), ChunkStats()
+    cold, warm = PrefillReport.for_plan("blend", plan), PrefillReport.for_plan("blend", plan)
     first = source.standalone(segs, cold)
     assert cold.misses == 2 and first[0] is first[2]  # computed once, shared
     second = source.standalone(segs, warm)
@@ -142,14 +142,6 @@ def test_question_focus_points_at_the_passage_the_question_asks_about(engine, so
     assert plain.report.segments[docs[1]].recomputed < recomputed[docs[1]]  # by deviation alone it gets fewer
 
 
-def test_question_focus_by_chunk_recomputes_the_asked_passage_whole(engine, source):
-    plan = _plan(engine, (0, 2, 1))
-    NaiveReuse().prefill(engine.runner, _plan(engine), source)
-    pre = BlendReuse(BlendConfig(ratio=0.35, query_share=1.0, focus_by_chunk=True)).prefill(engine.runner, plan, source)
-    asked = [s for s in pre.report.segments if s.kind == "document"][1]
-    assert asked.recomputed == asked.tokens  # the "secret code" passage first, all of it
-
-
 def test_question_focus_keeps_the_anchors(engine, source):
     plan = _plan(engine, (2, 0, 1))
     full = FullPrefill().prefill(engine.runner, plan)
@@ -174,15 +166,6 @@ def test_quality_gate_recomputes_whole_chunks(engine, source):
     assert quiet.report.gate_fired == 0
 
 
-def test_head_context_chunks_are_the_in_context_kv_of_a_first_document(engine, source):
-    plan = _plan(engine)
-    full = FullPrefill().prefill(engine.runner, plan)
-    pre = BlendReuse(BlendConfig(ratio=0.0, head_context=True)).prefill(engine.runner, plan, source)
-    first_doc = next(s for s in plan.segments if s.kind == "document")
-    sl = slice(first_doc.start, first_doc.end)
-    assert _max_diff(pre.cache.keys[:, :, sl], full.cache.keys[:, :, sl]) < 1e-3
-
-
 def test_make_method_parses_specs_and_rejects_bad_ones():
     assert make_method("blend:0.3").cfg.ratio == 0.3
     assert make_method("blend", ratio=0.2, check_layer=2).cfg.check_layer == 2
@@ -204,8 +187,8 @@ def test_make_method_parses_specs_and_rejects_bad_ones():
     ]:
         with pytest.raises(ValueError, match=match):
             make_method(bad)
-    with pytest.raises(ValueError, match="schedule"):
-        BlendConfig(ratio=0.3, schedule=(0.1,))
+    with pytest.raises(ValueError, match="naive takes no blend options"):
+        make_method("naive", ratio=0.3)
 
 
 def test_unsupported_rope_is_refused():
@@ -219,123 +202,34 @@ def test_selection_functions_on_constructed_cases():
     old = torch.zeros(1, 4, 2)
     old[0, 2] = torch.tensor([3.0, 4.0])  # token 2 deviates by 5
     fresh[0, :] = 1.0
-    dev, rel = deviation(fresh, fresh, old, old, "value")
+    dev, rel = deviation(fresh, old)
     assert dev.argmax().item() == 2
+    assert torch.allclose(dev, torch.tensor([2.0**0.5, 2.0**0.5, (4.0 + 9.0) ** 0.5, 2.0**0.5]))
+    assert torch.allclose(rel, dev / 2.0**0.5)  # relative to the fresh norm, sqrt(2) here
     assert top_share(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [False, True, False, True]
-    seg = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    score = torch.tensor([1.0, 2, 3, 4, 40, 30, 20, 10])
-    assert top_share(score, 2, seg).tolist() == [False, False, False, True, True, False, False, False]
-    assert chunk_heads(torch.tensor([5, 5, 5, 7, 7, 9]), 2).tolist() == [True, True, False, True, True, True]
+    assert not top_share(torch.tensor([0.1, 0.9]), 0).any()
     chosen, fired = gate(torch.tensor([0.1, 0.1, 0.9, 0.8]), torch.tensor([0, 0, 1, 1]), 0.5)
     assert fired == 1 and chosen.tolist() == [False, False, True, True]
 
 
-def test_pool_focus_spreads_a_peak_over_its_neighbours():
-    focus = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-    reused = torch.ones(10, dtype=torch.bool)
-    reused[4] = False  # a computed token keeps focus 0
-    got = pool_focus(focus, reused, 3)
-    want = torch.tensor([0.0, 0.0, 5.0, 5.005, 0.0, 0.0, 0.0, 1.0, 1.001, 1.0])
-    assert torch.allclose(got, want)
-    assert got.argmax() == 3
-    for bad in (-1, 4):
-        with pytest.raises(ValueError, match="focus_pool"):
-            BlendConfig(focus_pool=bad)
-
-
-def test_focus_from_layer_is_checked(engine, source):
-    plan = _plan(engine, (2, 0, 1))
-    NaiveReuse().prefill(engine.runner, _plan(engine), source)
-    with pytest.raises(ValueError, match="focus_from=99: the model has layers 0..29"):
-        BlendReuse(BlendConfig(focus_from=99)).prefill(engine.runner, plan, source)
-    with pytest.raises(ValueError, match="focus_from"):
-        BlendConfig(focus_from=-1)
-    focus = {f: BlendReuse(BlendConfig(ratio=0.2, query_share=1.0, focus_from=f)) for f in (0, 29)}
-    first, last = (m.prefill(engine.runner, plan, source) for m in focus.values())
-    assert first.report.recomputed_tokens == last.report.recomputed_tokens  # the same budget
-    assert _max_diff(first.last_logits, last.last_logits) > 0  # spent on other tokens: the last layer alone
-
-
-def test_segment_means_gives_each_token_its_segment_mean():
-    got = segment_means(torch.tensor([1.0, 3.0, 10.0, 0.0, 2.0]), torch.tensor([4, 4, 6, 6, 6]))
-    assert got.tolist() == [2.0, 2.0, 4.0, 4.0, 4.0]
-
-
-def test_focus_scope_chunk_gives_every_chunk_its_size_share(engine, source):
-    plan = _plan(engine, (0, 2, 1))
-    NaiveReuse().prefill(engine.runner, _plan(engine), source)
-    pre = BlendReuse(BlendConfig(ratio=0.3, query_share=1.0, focus_scope="chunk")).prefill(engine.runner, plan, source)
-    docs = [s for s in pre.report.segments if s.kind == "document"]
-    reused = sum(s.tokens for s in docs)
-    share = round(0.3 * reused) / reused
-    assert [s.recomputed for s in docs] == [round(share * s.tokens) for s in docs]
-    glob = BlendReuse(BlendConfig(ratio=0.3, query_share=1.0)).prefill(engine.runner, plan, source)
-    assert [s.recomputed for s in glob.report.segments if s.kind == "document"] != [s.recomputed for s in docs]
-    with pytest.raises(ValueError, match="focus_scope must be one of global, chunk, relative"):
-        BlendConfig(focus_scope="local")
-    with pytest.raises(ValueError, match="focus_by_chunk ranks whole chunks already"):
-        BlendConfig(focus_by_chunk=True, focus_scope="relative")
-
-
-def test_focus_scope_relative_picks_what_stands_out_in_its_chunk(engine, source):
-    cfg = BlendConfig(ratio=0.2, query_share=1.0)
-    _, _, (a, b) = _paired(engine, source, [replace(cfg, focus_scope=x) for x in ("global", "relative")])
-    _same_budget_spent_elsewhere(a, b)
-
-
-def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine, monkeypatch):
-    """The partial passes attend in blocks that leave out keys no query of the block can see: same output."""
+def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine):
+    """The layer loop attends in blocks that leave out keys no query of the block can see: same output."""
     torch.manual_seed(0)
+    runner = Runner(engine.lm.model, block=16)
     q, k, v = torch.randn(9, 40, 64), torch.randn(3, 100, 64), torch.randn(3, 100, 64)
     q_pos = torch.sort(torch.randperm(100)[:40]).values
-    mask = q_pos[:, None] >= torch.arange(100)[None]  # [40, 100] causal by position
+    cache = KVCache(1, 3, 64, torch.float32, capacity=100)
+    cache.extend(k[None], v[None], torch.arange(100))
     seen = []
-    real = engine.runner.attend
-    monkeypatch.setattr(
-        engine.runner, "attend", lambda q_, k_, v_, m_: seen.append(k_.shape[1]) or real(q_, k_, v_, m_)
-    )
-    got = NaiveReuse(prefill_chunk=16).attend(engine.runner, q, k, v, mask)
-    want = real(q, k, v, mask)
+
+    class Record(LayerHook):
+        def attend(self, layer, q_, k_, v_, m_):
+            seen.append(k_.shape[1])
+
+    got = runner._attend_rows(0, Rows(q_pos, q_pos, cache, q_pos, hook=Record()), q)
+    want = runner.attend(q, k, v, q_pos[:, None] >= torch.arange(100)[None])  # one call, [40, 100] causal
     assert torch.allclose(got, want, atol=1e-5)
     assert seen == [int(q_pos[min(s + 15, 39)]) + 1 for s in range(0, 40, 16)]  # each block: up to its last query
-
-
-def test_focus_reduce_max_is_the_strongest_single_pull(engine, source):
-    """Max over heads, queries and layers: a probability (<= 1), never above the sum, and a different pick."""
-
-    class Traced(BlendReuse):
-        def run_layers(self, runner, cache, layout, observer=None):
-            out = super().run_layers(runner, cache, layout, observer)
-            self.focus = layout.focus
-            return out
-
-    cfgs = [BlendConfig(ratio=0.2, query_share=1.0, focus_reduce=r) for r in ("sum", "max")]
-    _, (summed, maxed), (a, b) = _paired(engine, source, cfgs, cls=Traced)
-    assert 0 < float(maxed.focus.max()) <= 1.0 + 1e-6
-    assert bool((maxed.focus <= summed.focus + 1e-6).all())
-    assert float(summed.focus.max()) > 1.0  # the sum runs over 30 layers and 9 heads
-    _same_budget_spent_elsewhere(a, b)
-    with pytest.raises(ValueError, match="focus_reduce must be one of sum, max"):
-        BlendConfig(focus_reduce="mean")
-
-
-def test_stale_key_scale_scales_exactly_the_keys_not_recomputed(engine, source):
-    cfg = BlendConfig(ratio=0.1, query_share=0.75)
-    plan, _, (plain, scaled) = _paired(engine, source, [cfg, replace(cfg, stale_key_scale=1.5)], order=(2, 0, 1))
-    docs = [(p, s) for p, s in zip(plan.segments, scaled.report.segments, strict=True) if s.kind == "document"]
-    stale = sum(s.tokens - s.recomputed for _, s in docs)
-    slots = torch.cat([torch.arange(p.start, p.end) for p, _ in docs])
-    for layer in (1, 2, 29):  # the check layer (1) is left alone; every later layer is scaled
-        a, b = plain.cache.k[layer][:, slots], scaled.cache.k[layer][:, slots]  # [KVH, T, D]
-        times = torch.isclose(b, 1.5 * a, atol=1e-6).all(dim=(0, 2))
-        same = torch.isclose(b, a, atol=1e-6).all(dim=(0, 2))
-        assert int(times.sum()) == (0 if layer == 1 else stale) and (layer > 1 or bool(same.all()))
-    assert _max_diff(plain.last_logits, scaled.last_logits) > 1e-3
-    full = FullPrefill().prefill(engine.runner, plan)
-    whole = BlendReuse(BlendConfig(ratio=1.0, stale_key_scale=1.5)).prefill(engine.runner, plan, source)
-    assert _max_diff(whole.last_logits, full.last_logits) < 1e-3  # nothing stale: r = 1 is still full prefill
-    with pytest.raises(ValueError, match="stale_key_scale must be > 0"):
-        BlendConfig(stale_key_scale=0)
 
 
 def test_a_huge_negative_logit_bias_is_the_same_as_evicting_the_key(engine):

@@ -9,11 +9,11 @@ import pytest
 import torch
 import xxhash
 
-from kvstash.chunk import ChunkKV
 from kvstash.store import (
     FORMAT_VERSION,
     CorruptRecord,
     DiskTier,
+    Hit,
     RamTier,
     RedisTier,
     StoreConfig,
@@ -23,6 +23,7 @@ from kvstash.store import (
     encode_record,
     get_codec,
 )
+from kvstash.store.chunk import ChunkKV
 from tests.redis_server import redis_url  # noqa: F401
 
 SHAPE = (2, 3, 5, 8)  # [layers, kv_heads, tokens, head_dim]
@@ -39,8 +40,10 @@ def make_chunk(seed: int, start: int = 100, dtype: torch.dtype = torch.float32) 
     return ChunkKV(token_ids, keys, values, torch.arange(tokens, dtype=torch.int64) + 7)
 
 
-def assert_same(a: ChunkKV | None, b: ChunkKV) -> None:
-    assert a is not None
+def assert_same(got: Hit | ChunkKV | None, b: ChunkKV) -> None:
+    """``got`` (a chunk, or what a read returned) holds exactly chunk ``b``."""
+    assert got is not None
+    a = got.chunk if isinstance(got, Hit) else got
     assert a.token_ids == b.token_ids
     assert a.keys.dtype == b.keys.dtype
     assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
@@ -244,6 +247,6 @@ def test_fp16_store_shrinks_records_and_rounds_like_fp16() -> None:
     ram16.put(cfg16.key(chunk.token_ids), chunk)
     assert ram16.stats().bytes == len(blob_of(chunk, cfg16))
     assert ram32.stats().bytes - ram16.stats().bytes >= 2 * chunk.keys.numel() * 2  # K and V, 2 bytes saved each
-    got = ram16.get(cfg16.key(chunk.token_ids), chunk.token_ids)
-    assert got is not None and got.keys.dtype == torch.float32
+    got = ram16.get(cfg16.key(chunk.token_ids), chunk.token_ids).chunk
+    assert got.keys.dtype == torch.float32
     assert torch.equal(got.keys, chunk.keys.half().float())

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvstash.chunking import split_text
 from kvstash.cli import build_parser, main
 from kvstash.engine import Engine
+from kvstash.splitting import split_text
 from tests.redis_server import (
     redis_url,  # noqa: F401
     skip_without_redis,

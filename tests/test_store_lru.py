@@ -71,7 +71,7 @@ def test_ram_tier_is_thread_safe() -> None:
             c = chunks[(i + offset) % len(chunks)]
             tier.put(CFG.key(c.token_ids), c)
             got = tier.get(CFG.key(c.token_ids), c.token_ids)
-            assert got is None or got.token_ids == c.token_ids
+            assert got is None or got.chunk.token_ids == c.token_ids
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
@@ -171,7 +171,8 @@ def writer_reader(root: str, writer: int, rounds: int) -> tuple[int, int, int, i
         mine = candidates[i][writer]
         tier.put(CFG.key(mine.token_ids), mine)
         j = (r * 3 + 1) % N_KEYS
-        got = tier.get(CFG.key(candidates[j][0].token_ids), candidates[j][0].token_ids)
+        hit = tier.get(CFG.key(candidates[j][0].token_ids), candidates[j][0].token_ids)
+        got = None if hit is None else hit.chunk
         if got is not None:
             hits += 1
             if not any(torch.equal(got.keys, c.keys) and torch.equal(got.values, c.values) for c in candidates[j]):

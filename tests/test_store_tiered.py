@@ -142,7 +142,7 @@ def test_prefetch_returns_what_get_returns() -> None:
             if want is None:
                 assert got is None
             else:
-                assert_same(got, want)
+                assert_same(got, want.chunk)
         assert pf.pending() == []
         with pytest.raises(KeyError, match="not prefetched"):
             pf.get(store.key(chunks[0].token_ids))

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from kvstash.reuse import make_method
-from kvstash.store.codec import get_codec
+from kvstash.store.codec_registry import get_codec
 
 BASELINES = ("hf", "hf-prefix")  # measured with transformers, not the kvstash engine
 DEFAULT_METHODS = "full,prefix,naive,cacheblend:0.15,blend:0.15,blend:0.3,hf,hf-prefix"

@@ -125,7 +125,7 @@ class _Family:
         self._warm_for: str | None = None
 
     def store(self):
-        return self.engine.chunks.store if self.kind != "none" else None
+        return self.engine.store if self.kind != "none" else None
 
     def warm(self, case: Case) -> None:
         """Clear the store and fill it with the state described in the module docstring (once per case)."""

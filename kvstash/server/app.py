@@ -111,7 +111,7 @@ class ServerState:
         self.closed = True
         self.worker.stop()
         self.registry.close()
-        self.engine.chunks.store.close()
+        self.engine.close()
         log.info(json.dumps({"event": "stopped"}))
 
 
@@ -178,7 +178,8 @@ async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
 
 
 def _generation(st: ServerState, segments, params):
-    """A worker job that streams one generation as delta events; returns the result (None if cancelled)."""
+    """A worker job that streams one generation as delta events; returns the result (None if cancelled).
+    The prompt is planned (tokenized) once, here, and the engine streams from that plan."""
 
     def run(job: Job):
         plan = st.engine.plan(segments)
@@ -186,11 +187,10 @@ def _generation(st: ServerState, segments, params):
             st.engine.check_length(plan)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        gen = st.engine.stream(segments, params, reuse=st.method)
-        deltas = iter(gen)
-        for delta in deltas:
+        gen = st.engine.stream(plan, params, reuse=st.method)
+        for delta in gen:
             if job.cancelled:
-                deltas.close()
+                gen.close()
                 st.metrics.generation_ended("cancelled")
                 return None
             job.emit("delta", delta)
@@ -335,7 +335,7 @@ def _add_ops_routes(app: FastAPI, st: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        tiers = await asyncio.to_thread(st.engine.chunks.store.stats)
+        tiers = await asyncio.to_thread(st.engine.store_stats)
         text = st.metrics.render(tiers, st.worker.queued, st.worker.running)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 

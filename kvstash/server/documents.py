@@ -1,7 +1,7 @@
 """Registered documents: id -> chunk texts, kept where every server sharing the store can read them.
 
 A document's id is a hash of its text, so two servers given the same text agree on it. Its chunks (cut by
-:func:`kvstash.chunking.document_chunks`, as ``kvstash ingest`` cuts files) are document segments;
+:func:`kvstash.splitting.document_chunks`, as ``kvstash ingest`` cuts files) are document segments;
 registering one computes each chunk's standalone KV into the chunk store, so a later chat request naming
 the document finds the KV there.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from kvstash.chunking import document_chunks, ingest
 from kvstash.engine import Engine
+from kvstash.splitting import document_chunks
 from kvstash.store import parse_spec
 
 DOCS_KEY_PREFIX = "kvstash-docs:"
@@ -68,12 +68,10 @@ def compute_document(engine: Engine, text: str, max_tokens: int) -> Document:
     """Chunk ``text`` as ``kvstash ingest`` does and put each chunk's standalone KV into the engine's store
     (computed where the store lacks it). Runs the model: call it from the model worker only.
     ValueError for a blank text."""
-    builder = engine.builder
-    chunks = document_chunks(builder, text, max_tokens)
+    chunks = document_chunks(engine.builder, text, max_tokens)
     if not chunks:
         raise ValueError("the document text is empty")
-    ids = [builder.tokenize(c, "document") for c in chunks]
-    report = ingest(engine.chunks, ids)
+    report = engine.ingest(chunks)
     return Document(document_id(text), tuple(chunks), report.tokens, int(time.time()))
 
 

@@ -1,7 +1,9 @@
 """Content-addressed chunk KV store: tiers in RAM, on disk and in Redis."""
 
 from kvstash.store.base import Hit, StoreConfig, Tier, TierStats, VerifyResult
-from kvstash.store.codec import Codec, get_codec, register_codec
+from kvstash.store.chunk import ChunkKV
+from kvstash.store.codec import Codec
+from kvstash.store.codec_registry import CODECS, get_codec, register_codec
 from kvstash.store.disk import DiskTier
 from kvstash.store.prefetch import Prefetcher
 from kvstash.store.ram import DEFAULT_RAM_BUDGET, RamTier
@@ -21,7 +23,9 @@ __all__ = [
     "DEFAULT_RAM_BUDGET",
     "FORMAT_VERSION",
     "SPEC_SYNTAX",
+    "CODECS",
     "Codec",
+    "ChunkKV",
     "CorruptRecord",
     "DiskTier",
     "Hit",

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, NamedTuple
 
-from kvstash.chunk import ChunkKV
-from kvstash.store.codec import get_codec
+from kvstash.store.chunk import ChunkKV
+from kvstash.store.codec_registry import get_codec
 from kvstash.store.record import CorruptRecord, chunk_key, decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,11 @@ class VerifyResult(NamedTuple):
 
 
 class Hit(NamedTuple):
-    """A verified record: the chunk and its blob (so promotion to another tier needs no re-encode)."""
+    """What a read found: the verified chunk, the tier it came from, and its record (so promotion to another
+    tier needs no re-encode)."""
 
     chunk: ChunkKV
+    tier: str | None  # the tier that had it (ram, disk, redis); None: computed now (ChunkSource.standalone)
     blob: bytes | bytearray
 
 
@@ -145,29 +147,25 @@ class Tier(ABC):
 
     # --- the shared interface -------------------------------------------------------------------
 
-    def get(self, key: str, token_ids: Sequence[int]) -> ChunkKV | None:
-        """The chunk under ``key`` if present, intact and holding exactly ``token_ids``; else None.
-        Marks it recently used; removes it if corrupt."""
-        hit = self.lookup(key, token_ids)
-        return hit.chunk if hit else None
-
-    def lookup(self, key: str, token_ids: Sequence[int]) -> Hit | None:
-        """Like :meth:`get`, also returning the verified blob."""
+    def get(self, key: str, token_ids: Sequence[int]) -> Hit | None:
+        """The chunk under ``key`` if present, intact and holding exactly ``token_ids``, with its verified blob;
+        else None. Marks it recently used; removes it if corrupt."""
         _check_key(key)
         return self._verify_hit(key, token_ids, self._read(key))
 
-    def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[ChunkKV | None]:
+    def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[Hit | None]:
         """:meth:`get` for several keys at once (one round trip where the backend allows)."""
-        hits = self.lookup_many(keys, token_ids_list)
-        return [h.chunk if h else None for h in hits]
-
-    def lookup_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[Hit | None]:
         if len(keys) != len(token_ids_list):
             raise ValueError(f"get_many got {len(keys)} keys but {len(token_ids_list)} token-id lists")
         for key in keys:
             _check_key(key)
         blobs = self._read_many(keys)
         return [self._verify_hit(k, t, b) for k, t, b in zip(keys, token_ids_list, blobs, strict=True)]
+
+    def blob(self, key: str) -> bytes | bytearray | None:
+        """The raw record under ``key`` (unverified, LRU order unchanged), for inspection; None if absent."""
+        _check_key(key)
+        return self._read(key, touch=False)
 
     def put(self, key: str, chunk: ChunkKV) -> bool:
         """Encode ``chunk`` with the config's codec and store it under ``key``, evicting LRU records if
@@ -270,7 +268,7 @@ class Tier(ABC):
             self._count(misses=1)  # a key collision or a caller's stale key: never serve it
             return None
         self._count(hits=1, token_bytes=len(blob), tokens=chunk.num_tokens)
-        return Hit(chunk, blob)
+        return Hit(chunk, self.name, blob)
 
     def _drop_corrupt(self, key: str, err: CorruptRecord) -> None:
         log.warning("%s tier: removing record %s: %s", self.name, key, err)

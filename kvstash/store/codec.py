@@ -1,7 +1,7 @@
 """Codecs: how a chunk's K and V tensors become bytes in a store, and back.
 
 A codec owns only the tensor payload; the record around it (header, token ids, checksum) is the store's.
-New codecs subclass :class:`Codec` and register with :func:`register_codec`.
+New codecs subclass :class:`Codec` and are named in :mod:`kvstash.store.codec_registry`.
 """
 
 from __future__ import annotations
@@ -30,25 +30,3 @@ class Codec(ABC):
     @abstractmethod
     def encoded_nbytes(self, shape: Shape4) -> int:
         """Exact size in bytes of ``encode`` for tensors of this shape."""
-
-
-CODECS: dict[str, type[Codec]] = {}
-
-
-def register_codec(cls: type[Codec]) -> type[Codec]:
-    CODECS[cls.name] = cls
-    return cls
-
-
-def get_codec(name: str) -> Codec:
-    """The codec a user names (``fp16``, ``kivi4``, ...). Unknown name: ValueError listing the known ones."""
-    _load_builtin_codecs()
-    if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of: {', '.join(sorted(CODECS))}")
-    return CODECS[name]()
-
-
-def _load_builtin_codecs() -> None:
-    # Codecs defined in other modules register on import.
-    import kvstash.quant  # noqa: F401
-    import kvstash.store.dense_codec  # noqa: F401

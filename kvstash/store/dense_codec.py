@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from kvstash.store.codec import Codec, Shape4, register_codec
+from kvstash.store.codec import Codec, Shape4
 
 if sys.byteorder != "little":  # torch.frombuffer reads native order; the stored format is little-endian
     raise ImportError("kvstash dense codecs need a little-endian host")
@@ -45,19 +45,16 @@ class DenseCodec(Codec):
         return 2 * math.prod(shape) * self.storage_dtype.itemsize
 
 
-@register_codec
 class Fp32Codec(DenseCodec):
     name = "fp32"
     storage_dtype = torch.float32
 
 
-@register_codec
 class Fp16Codec(DenseCodec):
     name = "fp16"
     storage_dtype = torch.float16
 
 
-@register_codec
 class Bf16Codec(DenseCodec):
     name = "bf16"
     storage_dtype = torch.bfloat16

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import xxhash
 
-from kvstash.chunk import ChunkKV
-from kvstash.store.codec import get_codec
+from kvstash.store.chunk import ChunkKV
+from kvstash.store.codec_registry import get_codec
 
 FORMAT_VERSION = 1
 MAGIC = b"\x89KVS\r\n\x1a\n"

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
-from kvstash.chunk import ChunkKV
 from kvstash.store.base import Hit, StoreConfig, Tier, TierStats, VerifyResult
+from kvstash.store.chunk import ChunkKV
 from kvstash.store.record import encode_record
-
-
-class Fetched(NamedTuple):
-    chunk: ChunkKV
-    tier: str  # name of the tier that had it: ram, disk, redis
 
 
 class TieredStore:
@@ -32,37 +26,32 @@ class TieredStore:
         """The content key of a chunk of ``token_ids`` (see :func:`kvstash.store.record.chunk_key`)."""
         return self.config.key(token_ids)
 
-    def get(self, key: str, token_ids: Sequence[int]) -> ChunkKV | None:
-        """The chunk from the fastest tier that has it intact with these token ids, or None.
-        Promotes a hit into the faster tiers."""
-        found = self.fetch(key, token_ids)
-        return found.chunk if found is not None else None
-
-    def fetch(self, key: str, token_ids: Sequence[int]) -> Fetched | None:
-        """Like :meth:`get`, also naming the tier the chunk was found in."""
+    def get(self, key: str, token_ids: Sequence[int]) -> Hit | None:
+        """The chunk from the fastest tier that has it intact with these token ids (``Hit.tier`` names it), or
+        None. Promotes a hit into the faster tiers."""
         for i, tier in enumerate(self.tiers):
-            hit = tier.lookup(key, token_ids)
+            hit = tier.get(key, token_ids)
             if hit is not None:
                 self._promote(key, hit, self.tiers[:i])
-                return Fetched(hit.chunk, tier.name)
+                return hit
         return None
 
-    def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[ChunkKV | None]:
+    def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[Hit | None]:
         """:meth:`get` for several chunks; each tier is asked once for the keys still missing."""
         if len(keys) != len(token_ids_list):
             raise ValueError(f"get_many got {len(keys)} keys but {len(token_ids_list)} token-id lists")
-        found: list[ChunkKV | None] = [None] * len(keys)
+        found: list[Hit | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for i, tier in enumerate(self.tiers):
             if not missing:
                 break
-            hits = tier.lookup_many([keys[j] for j in missing], [token_ids_list[j] for j in missing])
+            hits = tier.get_many([keys[j] for j in missing], [token_ids_list[j] for j in missing])
             still = []
             for j, hit in zip(missing, hits, strict=True):
                 if hit is None:
                     still.append(j)
                 else:
-                    found[j] = hit.chunk
+                    found[j] = hit
                     self._promote(keys[j], hit, self.tiers[:i])
             missing = still
         return found

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstash.chunks import ChunkSource, ChunkStats
-from kvstash.forward import Runner
-from kvstash.kv import KVCache
+from kvstash.cache.kv import KVCache
+from kvstash.model.rope import reposition
+from kvstash.model.runner import Runner
 from kvstash.prompt import PromptPlan
-from kvstash.reuse import PrefillReport
-from kvstash.rope import reposition
+from kvstash.reuse.report import PrefillReport
+from kvstash.reuse.source import ChunkSource
 
 
 def lead_segments(plan: PromptPlan) -> int:
@@ -40,20 +40,13 @@ def lay_out(
     cache: KVCache,
     chunks: ChunkSource,
     n_prefix: int,
-    stats: ChunkStats,
     report: PrefillReport,
-    head_context: bool = False,
 ) -> Layout:
     """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
-    re-positioned; other segments get slots to be computed. Fills per-segment tiers in ``report``.
-    With ``head_context`` the chunks are the ones computed behind the head already in ``cache``."""
+    re-positioned; other segments get slots to be computed. Fills per-segment tiers and reuse in ``report``."""
     rest = list(enumerate(plan.segments))[n_prefix:]
     reusable = [(i, s) for i, s in rest if s.reusable]
-    head, head_ids = None, ()
-    if head_context:  # the shared head only, even when leading documents were loaded as an exact prefix
-        n_head = plan.segments[lead_segments(plan)].start
-        head, head_ids = cache.clone(n_head), plan.token_ids[:n_head]
-    found = chunks.standalone([s for _, s in reusable], stats, head, head_ids)
+    found = chunks.standalone([s for _, s in reusable], report)
     lookups = dict(zip((i for i, _ in reusable), found, strict=True))
     start = cache.length
     t = time.perf_counter()
@@ -77,5 +70,5 @@ def lay_out(
             rep.recomputed = n
         else:
             rep.reused = n
-    stats.load_s += time.perf_counter() - t
+    report.load_s += time.perf_counter() - t
     return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))

@@ -5,13 +5,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from kvstash.evict import DecodeEvictor, EvictionPolicy, parse_evict, start_eviction
-from kvstash.forward import Runner
-from kvstash.kv_alloc import KV_ALLOCS, STEPS, allocate_head_bits
-from kvstash.kv_quant import quantize_cache
-from kvstash.quant_cache import KV_BITS
-from kvstash.reuse import Prefilled
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import KV_BITS
+from kvstash.cache.quantized import quantize_cache
+from kvstash.compress.bits import KV_ALLOCS, STEPS, allocate_head_bits
+from kvstash.compress.evict import DecodeEvictor, EvictionPolicy, parse_evict, start_eviction
+from kvstash.model.runner import Runner
+
+
+class Compressed(NamedTuple):
+    cache: KVCache  # the prompt's cache after eviction and quantization (a new object when quantized)
+    evictor: DecodeEvictor | None  # to run while decoding, when the policy evicts then too
+    head_bits: list | None  # [layer][kv head] = [key bits, value bits] with a mixed allocation
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,13 @@ class Compression:
             raise ValueError("eviction while decoding (':decode') cannot be combined with --kv-bits; drop one")
         return cls(policy, kv_bits, kv_alloc)
 
-    def apply(self, runner: Runner, pre: Prefilled, token_ids) -> DecodeEvictor | None:
-        """Compress ``pre.cache`` (replaced by a quantized cache when ``kv_bits``). Returns the evictor to run
-        while decoding, if the policy evicts then too. A mixed allocation is measured before eviction, on the
-        cache as prefilled, and recorded in ``pre.report.kv_head_bits``."""
+    def apply(self, runner: Runner, cache: KVCache, token_ids) -> Compressed:
+        """Compress the prompt's ``cache`` (right after prefill): a mixed allocation is measured first, on the
+        cache as prefilled; then eviction (changes ``cache``), then quantization (a new cache)."""
         head_bits = None
         if self.kv_alloc == "mixed":
-            head_bits = allocate_head_bits(runner, pre.cache, token_ids, self.kv_bits)
-            pre.report.kv_head_bits = head_bits.tolist()
-        evictor = start_eviction(self.evict, runner, pre.cache, token_ids) if self.evict else None
+            head_bits = allocate_head_bits(runner, cache, token_ids, self.kv_bits)
+        evictor = start_eviction(self.evict, runner, cache, token_ids) if self.evict else None
         if self.kv_bits is not None:
-            pre.cache = quantize_cache(pre.cache, self.kv_bits, head_bits)
-        return evictor
+            cache = quantize_cache(cache, self.kv_bits, head_bits)
+        return Compressed(cache, evictor, None if head_bits is None else head_bits.tolist())

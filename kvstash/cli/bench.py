@@ -7,7 +7,7 @@ import shlex
 from dataclasses import replace
 
 from kvstash.bench.methods import BASELINES, DEFAULT_METHODS
-from kvstash.models import DEFAULT_MODEL
+from kvstash.model.registry import DEFAULT_MODEL
 
 DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle", "needle-code")
 METHODS_HELP = f"""\

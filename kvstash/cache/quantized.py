@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from kvstash.kv import KVCache
-from kvstash.quant_cache import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import HeadwiseLayerCache, KVQuantConfig, QuantizedLayerCache
 
 
 class QuantizedKVCache(KVCache):

@@ -30,10 +30,11 @@ from dataclasses import replace
 
 import torch
 
-from kvstash.evict import attention_probs, read_values, replay_queries
-from kvstash.forward import Runner
-from kvstash.kv import KVCache
-from kvstash.quant_cache import KVQuantConfig, QuantizedLayerCache
+from kvstash.cache.kv import KVCache
+from kvstash.cache.layer import KVQuantConfig, QuantizedLayerCache
+from kvstash.model.attention import attention_probs, read_values
+from kvstash.model.replay import replay_queries
+from kvstash.model.runner import Runner
 
 KV_ALLOCS = ("uniform", "mixed")
 STEPS = {4: (2, 8)}  # base width -> (demoted, promoted) widths: two demotions pay for one promotion

@@ -1,81 +1,19 @@
-"""The ``kvstash ingest`` and ``kvstash store`` commands: fill a chunk store ahead of time and look after it.
+"""``kvstash store stats|ls|verify|gc|clear``: look after a chunk store.
 
-Argument parsing and printing only; the work is in :mod:`kvstash.chunking` and :mod:`kvstash.store`.
+Argument parsing and printing only; the work is in :mod:`kvstash.store`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
-from kvstash.models import DEFAULT_MODEL
+from kvstash.cli.args import STORE_HELP
 
-INGEST_SUFFIXES = (".txt", ".md")  # what ingest picks up when walking a directory
-MIN_CHUNK_TOKENS = 16
 # The store commands act on every record whatever model or codec wrote it, so they open the tiers with
 # a placeholder config; it is never used to read or write a chunk.
 _ADMIN_FINGERPRINT = "kvstash-store-admin"
-_STORE_HELP = "chunk store spec, e.g. disk:~/.cache/kvstash/kv:50GiB,redis://127.0.0.1:6379/0"
 _STAT_COLUMNS = ("entries", "bytes", "hits", "misses", "evictions", "corrupt", "errors", "bytes_per_token")
-
-
-# --- ingest --------------------------------------------------------------------------------------------
-
-
-def find_files(paths: list[str]) -> list[Path]:
-    """Files named, plus the .txt/.md files under directories named (recursively, sorted), each once."""
-    found: list[Path] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if path.is_dir():
-            found += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in INGEST_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
-    found = list(dict.fromkeys(found))
-    if not found:
-        raise ValueError(f"no {'/'.join(INGEST_SUFFIXES)} files under {', '.join(paths)}; name files or directories")
-    return found
-
-
-def cmd_ingest(args) -> int:
-    from tqdm import tqdm
-
-    from kvstash.chunking import document_chunks, ingest
-    from kvstash.cli import _engine
-
-    if args.chunk_tokens < MIN_CHUNK_TOKENS:
-        raise ValueError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS}, got {args.chunk_tokens}")
-    files = find_files(args.paths)
-    engine = _engine(args)
-    if args.chunk_tokens > engine.lm.context_limit:
-        raise ValueError(f"--chunk-tokens {args.chunk_tokens} exceeds {engine.lm.name}'s {engine.lm.context_limit}")
-    builder = engine.builder
-    chunks = [
-        builder.tokenize(chunk, "document")
-        for f in files
-        for chunk in document_chunks(builder, f.read_text(encoding="utf-8", errors="replace"), args.chunk_tokens)
-    ]
-    with tqdm(total=sum(map(len, chunks)), unit="tok", desc="ingest", disable=None) as bar:
-        report = ingest(engine.chunks, chunks, progress=bar.update)
-    summary = {"files": len(files), **asdict(report), "seconds": round(report.seconds, 3)}
-    summary["tier_stats"] = [asdict(s) for s in engine.chunks.store.stats()]
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        rate = report.computed_tokens / report.seconds if report.seconds else 0.0
-        print(
-            f"{len(files)} files, {report.chunks} chunks, {report.tokens} tokens: "
-            f"{report.stored} stored, {report.skipped} already stored, {report.failed} not stored; "
-            f"{report.seconds:.1f} s ({rate:.0f} tok/s computed)"
-        )
-    engine.chunks.store.close()
-    return 0
-
-
-# --- store ---------------------------------------------------------------------------------------------
 
 
 def _open(args):
@@ -126,7 +64,7 @@ def _describe(tier, key: str) -> dict | None:
     """What one record holds (reads and checks it, leaving LRU order alone); None if it vanished."""
     from kvstash.store import CorruptRecord, decode_record
 
-    blob = tier._read(key, touch=False)  # Tier has no public call for a blob by key alone
+    blob = tier.blob(key)
     if blob is None:
         return None
     row = {"tier": tier.name, "key": key, "bytes": len(blob)}
@@ -194,25 +132,7 @@ def cmd_clear(args) -> int:
 
 
 def register(sub) -> None:
-    """Add the ``ingest`` and ``store`` commands to the top-level subparsers ``sub``."""
-    p = sub.add_parser(
-        "ingest",
-        help="precompute the KV of documents into a chunk store",
-        description="Split files into chunks of at most --chunk-tokens tokens (at paragraph, then sentence "
-        "boundaries), compute each chunk's KV as a document and put it in the store; chunks already "
-        "stored are skipped. Directories are walked for .txt and .md files. Pass the same chunks as "
-        "documents to reuse them (kvstash.chunking.split_text); `ask --doc FILE` reuses a file that "
-        "fits in one chunk.",
-    )
-    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="files, or directories to walk")
-    p.add_argument("--store", required=True, metavar="SPEC", help=_STORE_HELP)
-    p.add_argument("--chunk-tokens", type=int, default=512, help="most tokens per chunk (default 512)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
-    p.add_argument("--codec", default="fp16", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8/4/2")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary instead of text")
-    p.set_defaults(func=cmd_ingest)
-
+    """Add the ``store`` command to the top-level subparsers ``sub``."""
     p = sub.add_parser(
         "store",
         help="inspect and maintain a chunk store",
@@ -232,7 +152,7 @@ def register(sub) -> None:
     ]  # fmt: skip
     for name, func, help_text, description in specs:
         q = actions.add_parser(name, help=help_text, description=description)
-        q.add_argument("--store", required=True, metavar="SPEC", help=_STORE_HELP)
+        q.add_argument("--store", required=True, metavar="SPEC", help=STORE_HELP)
         q.add_argument("--json", action="store_true", help="print JSON instead of text")
         q.set_defaults(func=func)
         if name == "stats":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstash.quant import SUPPORTED_BITS, Quantized, dequantize, quantize
+from kvstash.cache.kivi import SUPPORTED_BITS, Quantized, dequantize, quantize
 
 FP16_BITS = 16  # "bits" of a cache that keeps every token in fp16 and quantizes nothing
 KV_BITS = (*SUPPORTED_BITS, FP16_BITS)

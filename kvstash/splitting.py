@@ -1,7 +1,7 @@
-"""Chunking: split long texts into token-bounded chunks and precompute their KV into a chunk store.
+"""Text splitting: long texts cut into token-bounded chunks, each passed to the engine as one document segment.
 
-A chunk is passed to the engine as one document segment, so its KV key is the chunk's document token ids.
-Whoever asks about ingested text (the server, the benchmarks) passes the same chunks, from
+A chunk's KV key is the chunk's document token ids (:meth:`kvstash.reuse.source.ChunkSource.ingest` stores
+them ahead of time). Whoever asks about ingested text (the server, the benchmarks) passes the same chunks, from
 :func:`split_text` with the same ``max_tokens``, as documents. A text that fits in ``max_tokens`` is one
 chunk equal to the whole (stripped) text, so ``kvstash ask --doc FILE`` reuses a file ingested with a
 chunk size larger than the file.
@@ -10,11 +10,8 @@ chunk size larger than the file.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
-from kvstash.chunks import ChunkSource
 from kvstash.prompt import PromptBuilder
 
 # Boundaries tried in order: paragraph breaks, sentence ends or line breaks, any whitespace. A chunk is
@@ -88,38 +85,3 @@ def _char_atoms(text: str, fits: Callable[[str], bool]) -> Iterator[str]:
 def document_chunks(builder: PromptBuilder, text: str, max_tokens: int) -> list[str]:
     """:func:`split_text` measuring each chunk as the engine tokenizes a document segment."""
     return split_text(text, max_tokens, lambda t: len(builder.tokenize(t, "document")))
-
-
-@dataclass(frozen=True)
-class IngestReport:
-    chunks: int  # chunks seen
-    tokens: int  # their tokens
-    stored: int  # chunks computed and stored
-    skipped: int  # chunks the store already held
-    failed: int  # chunks computed but not stored by any tier (too large for the budgets, backend down)
-    computed_tokens: int  # tokens of the chunks computed
-    seconds: float
-
-
-def ingest(
-    source: ChunkSource, chunks: Iterable[Sequence[int]], progress: Callable[[int], None] | None = None
-) -> IngestReport:
-    """Compute and store the standalone KV of every chunk (token ids of a document segment) that the store
-    lacks, under the key the reuse methods look up. Writes to every tier of ``source.store``; calls
-    ``progress(tokens)`` after each chunk."""
-    t0 = time.perf_counter()
-    seen = tokens = stored = skipped = failed = computed = 0
-    for ids in chunks:
-        seen, tokens = seen + 1, tokens + len(ids)
-        key = source.store.key(ids)
-        if source.store.contains(key):
-            skipped += 1
-        else:
-            computed += len(ids)
-            if source.store.put(key, source.compute(ids)):
-                stored += 1
-            else:
-                failed += 1
-        if progress is not None:
-            progress(len(ids))
-    return IngestReport(seen, tokens, stored, skipped, failed, computed, time.perf_counter() - t0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kvstash.chunks import DEFAULT_STORE
-from kvstash.models import DEFAULT_MODEL
+from kvstash.cli.args import CODEC_HELP, STORE_HELP, add_model_args
+from kvstash.reuse import DEFAULT_STORE
 
 
 def register(sub) -> None:
@@ -19,19 +19,17 @@ def register(sub) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument(
         "--store",
         metavar="SPEC",
         default=DEFAULT_STORE,
-        help=f"chunk KV store, e.g. ram:4GiB,disk:DIR:50GiB,redis://127.0.0.1:6379/0 (default {DEFAULT_STORE}); "
-        "servers sharing a Redis tier share their documents",
+        help=f"{STORE_HELP} (default {DEFAULT_STORE}); servers sharing a Redis tier share their documents",
     )
-    p.add_argument("--codec", default="fp16", help="how chunk KV is stored: fp16 (default), bf16, fp32, kivi8/4/2")
+    p.add_argument("--codec", default="fp16", help=CODEC_HELP)
     p.add_argument(
         "--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default) | cacheblend"
     )
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
     p.add_argument(

@@ -7,11 +7,10 @@ head, kept slots are sorted, and ``cache.keep(slots)`` drops the others. ``parse
 what a user types to a policy.
 
 Attention-based scores come from replaying prompt queries against the finished cache
-(:func:`attention_votes`): the hidden states of a block of prompt tokens depend only on the cached K/V of the
-tokens up to them, so any block's queries can be recomputed exactly after any prefill (full, prefix, blend),
-without hooks inside it. SnapKV replays its last ``window`` tokens (about 1% of a 3K-token prefill); H2O
-replays every prompt token in blocks (about one more prefill). While decoding, H2O adds each new query's
-attention through ``Runner.forward``'s observer and StreamingLLM needs none (:class:`DecodeEvictor`).
+(:func:`kvstash.model.replay.attention_votes`). SnapKV replays its last ``window`` tokens (about 1% of a
+3K-token prefill); H2O replays every prompt token in blocks (about one more prefill). While decoding, H2O adds
+each new query's attention through a layer hook of the decoding forward, and StreamingLLM needs none
+(:class:`DecodeEvictor`).
 
 Slots are in position order (prefill, eviction and decoding all keep them so): "recent" means a high slot.
 """
@@ -25,81 +24,10 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kvstash.forward import Runner, biased_mask, causal_mask
-from kvstash.kv import KVCache
-
-
-# --- tensor math ---------------------------------------------------------------------------------------------
-def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention weights, float32. q: [H, Tq, D]; k: [KVH, n, D]; mask: [Tq, n], [KVH, Tq, n] or None,
-    boolean (True = attend) or additive float -> [H, Tq, n]. Query head h reads KV head h // (H / KVH), as in
-    grouped-query attention."""
-    h, t, d = q.shape
-    kvh, n, _ = k.shape
-    qg = q.float().reshape(kvh, h // kvh * t, d)  # query heads of one KV head side by side
-    scores = (qg @ k.float().transpose(1, 2)).view(kvh, h // kvh, t, n) * d**-0.5  # [KVH, G, Tq, n]
-    if mask is not None:
-        mask = mask[:, None] if mask.dim() == 3 else mask
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(dim=-1).view(h, t, n)
-
-
-def read_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention output grouped by KV head: probs [H, T, n], v [KVH, n, D] -> [KVH, H/KVH * T, D] (query head
-    h reads KV head h // (H / KVH), rows ordered (query head, token) within a KV head)."""
-    heads, t, n = probs.shape
-    return probs.to(v.dtype).reshape(v.shape[0], heads // v.shape[0] * t, n) @ v
-
-
-def votes_per_kv_head(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Attention summed over the queries, averaged over each KV head's query heads: [H, Tq, n] -> [KVH, n]."""
-    h, _, n = probs.shape
-    return probs.sum(dim=1).view(kv_heads, h // kv_heads, n).mean(dim=1)
-
-
-@torch.inference_mode()
-def replay_queries(runner: Runner, cache: KVCache, token_ids, start: int, end: int, observe, block: int = 512) -> None:
-    """Recompute the queries of the prompt's tokens ``[start, end)`` against the finished ``cache`` and show
-    each layer's attention to ``observe(layer, q, probs, mask)``: q ``[H, T, D]`` of one query block of tokens
-    ``[s, e)``, probs ``[H, T, e]`` its softmax over slots ``[0, e)`` (later slots are later positions,
-    invisible to it) and the causal ``mask`` ``[T, e]`` it was computed with (float if the cache has a bias).
-
-    ``cache`` must be the prompt's cache right after prefill (uniform, slot i = position i =
-    ``token_ids[i]``); blocks of ``block`` queries bound memory. Changes nothing.
-    """
-    n = cache.length
-    if not cache.uniform or len(token_ids) != n or not torch.equal(cache.positions, torch.arange(n)):
-        raise ValueError("replaying prompt queries needs the prompt's cache as prefilled (evict before decoding)")
-    for s in range(start, end, block):
-        e = min(s + block, end)
-        pos = torch.arange(s, e)
-        cos, sin = runner.rope.cos_sin(pos)
-        h = runner.embed(torch.as_tensor(token_ids[s:e], dtype=torch.long))
-        for i in range(runner.num_layers):
-            q, _, _ = runner.qkv(i, h, cos, sin)  # this block's own K/V are already in the cache
-            k, v, k_pos = cache.layer(i)
-            k, v = k[:, :e], v[:, :e]
-            mask = causal_mask(pos, k_pos[0, :e])  # [T, e]
-            bias = cache.layer_bias(i)  # the logit bias the prompt's own attention had (blend's stale_bias)
-            if bias is not None:
-                mask = biased_mask(mask, bias[0, :e])
-            probs = attention_probs(q, k, mask)  # [H, T, e]
-            observe(i, q, probs, mask)
-            if i + 1 < runner.num_layers:
-                out = read_values(probs, v).view(probs.shape[0], e - s, -1)  # [H, T, D]
-                h = runner.finish(i, h, out.transpose(0, 1).reshape(e - s, -1))
-
-
-def attention_votes(runner: Runner, cache: KVCache, token_ids, start: int, end: int, block: int = 512):
-    """Votes of the prompt's queries ``[start, end)`` for every cached slot: ``[layers, kv_heads, n]``
-    (see :func:`replay_queries` for what ``cache`` must be)."""
-    votes = torch.zeros(cache.layers, cache.kv_heads, cache.length)
-
-    def observe(layer: int, q, probs: torch.Tensor, mask) -> None:
-        votes[layer, :, : probs.shape[-1]] += votes_per_kv_head(probs, cache.kv_heads)
-
-    replay_queries(runner, cache, token_ids, start, end, observe, block)
-    return votes
+from kvstash.cache.kv import KVCache
+from kvstash.model.attention import attention_probs, votes_per_kv_head
+from kvstash.model.replay import attention_votes
+from kvstash.model.runner import LayerHook, Runner
 
 
 def top_slots(scores: torch.Tensor, protected: torch.Tensor, m: int) -> torch.Tensor:
@@ -272,10 +200,10 @@ class H2O(EvictionPolicy):
 
 
 # --- while decoding -----------------------------------------------------------------------------------------
-class DecodeEvictor:
+class DecodeEvictor(LayerHook):
     """Holds a decoding cache at ``limit`` tokens per layer and head: after each step (:meth:`step`) the policy
-    scores what is cached and the lowest go. For attention-tracking policies, pass :meth:`observe` as the
-    ``observer`` of ``Runner.forward`` so each new query's attention is added to the slots' votes."""
+    scores what is cached and the lowest go. For attention-tracking policies, pass the evictor as the ``hook`` of
+    ``Runner.forward``: :meth:`observe` adds each new query's attention to the slots' votes."""
 
     def __init__(self, policy: EvictionPolicy, limit: int, votes: torch.Tensor | None):
         self.policy = policy

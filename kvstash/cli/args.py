@@ -1,0 +1,111 @@
+"""Arguments shared by several subcommands, and the engine they open. Parsing only, no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvstash.model.registry import DEFAULT_MODEL
+from kvstash.reuse import DEFAULT_STORE
+
+STORE_HELP = "chunk KV store, e.g. ram:4GiB,disk:~/.cache/kvstash/kv:50GiB,redis://127.0.0.1:6379/0"
+CODEC_HELP = "how chunk KV is stored: fp16 (default), bf16, fp32, kivi8, kivi4, kivi2"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def open_engine(args: argparse.Namespace):
+    """The engine the arguments name (model, threads, store, codec)."""
+    from kvstash.engine import Engine, EngineConfig
+
+    store = getattr(args, "store", None) or DEFAULT_STORE
+    codec = getattr(args, "codec", None) or "fp16"
+    return Engine(EngineConfig(model=args.model, threads=args.threads, store=store, codec=codec))
+
+
+def read_docs(paths: list[str]) -> list[str]:
+    """The text of each ``--doc`` file, in order. SystemExit naming a missing file."""
+    docs = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"kvstash: --doc {p}: no such file")
+        docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Everything ``ask`` and ``demo`` take: sampling and output, the store, reuse, compression."""
+    _add_sampling_args(p)
+    add_model_args(p)
+    p.add_argument("--store", metavar="SPEC", help=f"{STORE_HELP} (default: an in-process ram store)")
+    p.add_argument("--codec", help=CODEC_HELP)
+    _add_reuse_args(p)
+    _add_compression_args(p)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system prompt (default: a short RAG instruction)")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible answers)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_reuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reuse",
+        metavar="METHOD",
+        help="full | prefix | naive | blend | cacheblend (plain CacheBlend, no question focus) "
+        "(default: blend with --store, else full)",
+    )
+    p.add_argument("--ratio", type=float, help="blend: share of reused tokens recomputed (default 0.15)")
+    p.add_argument("--check-layer", type=int, help="blend: layer where deviations are measured (default 1)")
+    p.add_argument(
+        "--gate",
+        type=float,
+        help="blend: recompute a whole chunk when its relative KV deviation at the check layer exceeds this "
+        "(off by default)",
+    )
+    p.add_argument(
+        "--query-share",
+        type=float,
+        metavar="S",
+        help="blend: share of the recompute budget spent on the reused tokens the question attends to most "
+        "(found by a cheap naive pass); the rest goes by KV deviation. 0 = plain CacheBlend (default 0.75)",
+    )
+    p.add_argument(
+        "--stale-bias",
+        type=float,
+        metavar="B",
+        help="blend: added to the attention logits of the reused tokens that are not recomputed, in every "
+        "layer from the check layer on and while decoding, so they weigh e^B as much (default -0.25; 0 = off)",
+    )
+
+
+def _add_compression_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(2, 4, 8, 16),
+        help="quantize the decode cache after prefill (KIVI; 16 = fp16). Default: compute dtype, no quantization",
+    )
+    p.add_argument(
+        "--kv-alloc",
+        choices=("uniform", "mixed"),
+        help="with --kv-bits 4: 'mixed' measures how much each KV head's keys and values suffer at 2, 4 and 8 "
+        "bits and gives 8 bits to those that gain most, paid for by those that lose least at 2, for the same "
+        "bytes (default: uniform)",
+    )
+    p.add_argument(
+        "--evict",
+        metavar="POLICY:BUDGET",
+        help="evict prompt tokens after prefill: snapkv | streaming | h2o, budget a ratio (snapkv:0.25) or a "
+        "token count (h2o:512); add :decode to hold the budget while decoding (streaming, h2o)",
+    )

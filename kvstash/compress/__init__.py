@@ -1,0 +1,1 @@
+"""Compression of the decode cache after prefill: eviction policies, bit allocation, and the pipeline."""

@@ -1,0 +1,78 @@
+"""Attention math as pure functions: the one mask builder, softmax weights, value reads and votes.
+
+The layer loop (:mod:`kvstash.model.runner`) attends with PyTorch's fused kernel; the functions here spell the
+same attention out in float32 for the callers that need the weights themselves (eviction votes, bit
+allocation, blend's question focus, query replay).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask by absolute position: a query sees keys at its own or earlier positions.
+
+    q_pos: [Tq]; k_pos: [n] or [KVH, n] -> [Tq, n] or [KVH, Tq, n] (True = attend).
+    """
+    return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+
+
+def biased_mask(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as an additive float mask carrying a per-key logit bias (``KVCache.bias``).
+
+    mask: [Tq, n] or [KVH, Tq, n]; bias: [n] or [KVH, n] -> float32, -inf where ``mask`` is False.
+    """
+    return bias.unsqueeze(-2).expand(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+def attention_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, bias: torch.Tensor | None, uniform: bool
+) -> torch.Tensor | None:
+    """The mask of queries at ``q_pos`` [Tq] over one layer's cached keys: causal by position, carrying the
+    cache's logit bias when it has one. k_pos, bias: [KVH, n] (bias may be None); ``uniform``: every KV head
+    holds the same positions, so one [Tq, n] mask serves them all (else [KVH, Tq, n]).
+
+    Returns a boolean mask (True = attend), a float mask when biased, or None when every key is visible
+    and unbiased.
+    """
+    if uniform:
+        k_pos, bias = k_pos[0], None if bias is None else bias[0]
+    mask = causal_mask(q_pos, k_pos)
+    if bias is not None:
+        return biased_mask(mask, bias)
+    return None if bool(mask.all()) else mask
+
+
+def visible_keys(mask: torch.Tensor) -> int:
+    """How many leading keys a block of queries can see: one past the last key any of them attends to.
+    mask: [Tq, n], boolean or additive float (-inf = hidden)."""
+    seen = mask if mask.dtype == torch.bool else mask > float("-inf")
+    return int(seen.any(dim=0).nonzero().max()) + 1
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention weights, float32. q: [H, Tq, D]; k: [KVH, n, D]; mask: [Tq, n], [KVH, Tq, n] or None,
+    boolean (True = attend) or additive float -> [H, Tq, n]. Query head h reads KV head h // (H / KVH), as in
+    grouped-query attention."""
+    h, t, d = q.shape
+    kvh, n, _ = k.shape
+    qg = q.float().reshape(kvh, h // kvh * t, d)  # query heads of one KV head side by side
+    scores = (qg @ k.float().transpose(1, 2)).view(kvh, h // kvh, t, n) * d**-0.5  # [KVH, G, Tq, n]
+    if mask is not None:
+        mask = mask[:, None] if mask.dim() == 3 else mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1).view(h, t, n)
+
+
+def read_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention output grouped by KV head: probs [H, T, n], v [KVH, n, D] -> [KVH, H/KVH * T, D] (query head
+    h reads KV head h // (H / KVH), rows ordered (query head, token) within a KV head)."""
+    heads, t, n = probs.shape
+    return probs.to(v.dtype).reshape(v.shape[0], heads // v.shape[0] * t, n) @ v
+
+
+def votes_per_kv_head(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Attention summed over the queries, averaged over each KV head's query heads: [H, Tq, n] -> [KVH, n]."""
+    h, _, n = probs.shape
+    return probs.sum(dim=1).view(kv_heads, h // kv_heads, n).mean(dim=1)

@@ -1,0 +1,247 @@
+"""The runner: one loop over the decoder layers, over explicit KV caches, using the model's own modules.
+
+Every pass through the model goes through :meth:`Runner.run`: prefill and decoding (:meth:`Runner.forward`),
+blend's partial passes and its question probe, query replay for eviction and bit allocation, and batched steps
+over several sequences. Each sequence in a pass is a :class:`Rows`: its new tokens, their positions, the
+cache they write to and attend over, and an optional :class:`LayerHook` that may narrow the rows, choose
+which of them write, watch the attention, or replace it. Linear layers run once over the rows of every
+sequence; attention runs per sequence over its own cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kvstash.cache.kv import KVCache
+from kvstash.model.attention import attention_mask, visible_keys
+from kvstash.model.rope import Rope, apply_rope
+
+
+class Selection(NamedTuple):
+    """What a hook decides for one sequence at one layer."""
+
+    keep: torch.Tensor | None = None  # [T] bool: rows that go on (None: all); the others leave the pass
+    write: torch.Tensor | None = None  # [T'] bool over the kept rows: whose K/V are written (None: all)
+
+
+class LayerHook:
+    """Plug-in points of the layer loop for one sequence; every default does nothing.
+
+    ``select`` runs after the layer's projections, ``observe`` once the layer's keys are in place, ``attend``
+    per block of queries instead of the fused kernel (return None to keep the kernel's result).
+    """
+
+    def select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Selection | None:
+        """q [H, T, D], k, v [KVH, T, D] of this sequence's rows; None keeps every row and writes them all."""
+        return None
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """q [H, T, D] of the rows, k [KVH, n, D] every cached key, mask as :func:`attention_mask` built it."""
+
+    def attend(self, layer: int, q, k, v, mask) -> torch.Tensor | None:
+        """Attention of one block of queries over the keys they can see: q [H, Tb, D], k, v [KVH, m, D], mask
+        [Tb, m] or None -> [Tb, H*D], or None for the fused kernel."""
+        return None
+
+
+class Watch(LayerHook):
+    """A hook that only watches: ``fn(layer, q, k, mask)`` at every layer (see :meth:`LayerHook.observe`)."""
+
+    def __init__(self, fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]):
+        self.fn = fn
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.fn(layer, q, k, mask)
+
+
+@dataclass
+class Rows:
+    """One sequence's new tokens in a pass: ids and positions [T], the cache they go into and attend over."""
+
+    ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64 absolute positions
+    cache: KVCache
+    slots: torch.Tensor | None = None  # [T] cache slots to write; None: appended to the cache by the pass
+    hook: LayerHook | None = None
+    write: bool = True  # False: the rows' K/V are already cached (query replay)
+    _mask: tuple | None = field(default=None, repr=False)  # (mask, valid) reused across layers when it can be
+
+    def narrow(self, keep: torch.Tensor) -> None:
+        self.ids, self.positions, self.slots = self.ids[keep], self.positions[keep], self.slots[keep]
+        self._mask = None
+
+    def mask(self, layer: int) -> torch.Tensor | None:
+        """:func:`attention_mask` of these rows over the cache's layer; one mask serves every layer while the
+        cache is uniform and unbiased and the rows do not change."""
+        cache = self.cache
+        shared = cache.uniform and cache.bias is None
+        if shared and self._mask is not None:
+            return self._mask[0]
+        _, _, k_pos = cache.layer(layer)
+        mask = attention_mask(self.positions, k_pos, cache.layer_bias(layer), cache.uniform)
+        self._mask = (mask,) if shared else None
+        return mask
+
+
+class Runner:
+    """Runs a Llama-family *ForCausalLM one decoder layer at a time over explicit caches."""
+
+    def __init__(self, model: torch.nn.Module, block: int = 512):
+        cfg = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.num_layers = len(self.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
+        self.rope = Rope.from_model(model)
+        self.block = block  # queries per attention call (bounds the [H, block, n] scores)
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
+
+    # --- the pieces of one decoder layer -------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)  # [T] -> [T, hidden]
+
+    def qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Normed projections with rotary applied. h: [T, hidden] -> q [H, T, D], k, v [KVH, T, D]."""
+        attn = self.layers[layer].self_attn
+        x = self.layers[layer].input_layernorm(h)
+        t = h.shape[0]
+        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention. q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n], boolean (True =
+        attend) or additive float (:func:`biased_mask`) -> [Tq, H*D]."""
+        if mask is not None and mask.dim() == 3:  # per-head positions after eviction
+            mask = mask.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # some SDPA kernels want a float mask in the query's dtype
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP, residual. h, result: [T, hidden]."""
+        block = self.layers[layer]
+        h = h + block.self_attn.o_proj(attn_out)
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(h)).float()  # [T, hidden] -> [T, vocab]
+
+    # --- the layer loop --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Rows]) -> list[torch.Tensor]:
+        """Run every sequence's rows through all layers: projections and MLP over all rows at once, attention
+        per sequence over its own cache. Changes the caches: rows with ``slots=None`` are appended first, and
+        each layer writes the rows' K/V (as their hooks select). Returns each sequence's final hidden states
+        [T', hidden] of the rows still in the pass (before the final norm; see :meth:`logits`)."""
+        for rows in batch:
+            if rows.slots is None:
+                start = rows.cache.append(rows.positions)
+                rows.slots = torch.arange(start, start + len(rows.positions))
+        hs = [self.embed(rows.ids) for rows in batch]
+        rope = [self.rope.cos_sin(rows.positions) for rows in batch]
+        for layer in range(self.num_layers):
+            q, k, v = self.qkv(layer, _cat(hs), _cat([c for c, _ in rope]), _cat([s for _, s in rope]))
+            outs, offset = [], 0
+            for i, rows in enumerate(batch):
+                t = len(rows.positions)
+                qi, ki, vi = q[:, offset : offset + t], k[:, offset : offset + t], v[:, offset : offset + t]
+                offset += t
+                qi, ki, vi, hs[i], rope[i] = self._select(layer, rows, qi, ki, vi, hs[i], rope[i])
+                outs.append(self._attend_rows(layer, rows, qi))
+            h = self.finish(layer, _cat(hs), _cat(outs))
+            hs = list(h.split([len(rows.positions) for rows in batch])) if len(batch) > 1 else [h]
+        return hs
+
+    def _select(self, layer: int, rows: Rows, q, k, v, h, rope):
+        """Apply the hook's selection to one sequence's rows, then write their K/V into its cache."""
+        sel = rows.hook.select(layer, q, k, v) if rows.hook is not None else None
+        write = None
+        if sel is not None:
+            if sel.keep is not None:
+                keep = sel.keep
+                rows.narrow(keep)
+                q, k, v, h, rope = q[:, keep], k[:, keep], v[:, keep], h[keep], (rope[0][keep], rope[1][keep])
+            write = sel.write
+        if rows.write:
+            slots = rows.slots if write is None else rows.slots[write]
+            kw, vw = (k, v) if write is None else (k[:, write], v[:, write])
+            if write is None and _contiguous(slots):
+                rows.cache.write(layer, int(slots[0]), kw, vw)
+            else:
+                rows.cache.write_slots(layer, slots, kw, vw)
+        return q, k, v, h, rope
+
+    def _attend_rows(self, layer: int, rows: Rows, q: torch.Tensor) -> torch.Tensor:
+        """One sequence's attention over its cache, in blocks of ``self.block`` queries; each block reads only
+        the keys up to the last one it may see (the keys after it are hidden from the whole block, so leaving
+        them out changes only the cost). q: [H, T, D] -> [T, H*D]."""
+        k_all, v_all, _ = rows.cache.layer(layer)
+        mask = rows.mask(layer)
+        hook = rows.hook
+        if hook is not None:
+            hook.observe(layer, q, k_all, mask)
+        if mask is not None and mask.dim() == 3:  # per-head positions: one call, every key
+            return self._attend_block(layer, hook, q, k_all, v_all, mask)
+        outs = []
+        for s in range(0, q.shape[1], self.block):
+            m = None if mask is None else mask[s : s + self.block]
+            n = k_all.shape[1] if m is None else visible_keys(m)
+            m = None if m is None else m[:, :n]
+            outs.append(self._attend_block(layer, hook, q[:, s : s + self.block], k_all[:, :n], v_all[:, :n], m))
+        return _cat(outs)
+
+    def _attend_block(self, layer: int, hook: LayerHook | None, q, k, v, mask) -> torch.Tensor:
+        out = hook.attend(layer, q, k, v, mask) if hook is not None else None
+        return self.attend(q, k, v, mask) if out is None else out
+
+    # --- whole passes ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+        hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Append tokens ``ids`` [T] at ``positions`` [T] to ``cache`` and return logits.
+
+        Changes ``cache``: its length grows by T and every layer's new slots are written. ``hook``, if given,
+        sees each layer's queries, keys and mask (:meth:`LayerHook.observe`).
+        Returns [T, vocab] if ``all_logits`` else [vocab] for the last token.
+        """
+        (h,) = self.run([Rows(ids, positions, cache, hook=hook)])
+        return self.logits(h) if all_logits else self.logits(h[-1:])[0]
+
+    def prefill(self, cache: KVCache, ids, start_pos: int, chunk: int) -> torch.Tensor:
+        """Plain prefill of ``ids`` from ``start_pos`` onto ``cache``, ``chunk`` tokens per forward (bounds
+        attention memory); returns the last token's logits [vocab]. ValueError for no tokens."""
+        ids_t = torch.as_tensor(ids, dtype=torch.long)
+        if not len(ids_t):
+            raise ValueError("nothing to prefill: the token list is empty")
+        for s in range(0, len(ids_t), chunk):
+            part = ids_t[s : s + chunk]
+            logits = self.forward(part, torch.arange(start_pos + s, start_pos + s + len(part)), cache)
+        return logits
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _contiguous(slots: torch.Tensor) -> bool:
+    n = len(slots)
+    return n > 0 and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots.diff() == 1).all())

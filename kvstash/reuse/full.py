@@ -1,0 +1,28 @@
+"""``full``: no reuse, every token computed; the baseline every other method is measured against."""
+
+from __future__ import annotations
+
+import time
+
+from kvstash.model.runner import Runner
+from kvstash.prompt import PromptPlan
+from kvstash.reuse.base import Prefilled, ReuseMethod
+from kvstash.reuse.report import PrefillReport
+from kvstash.reuse.source import ChunkSource
+
+
+class FullPrefill(ReuseMethod):
+    """No reuse: compute every token in chunks of ``prefill_chunk``."""
+
+    name = "full"
+    needs_store = False
+
+    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None = None) -> Prefilled:
+        t0 = time.perf_counter()
+        cache = runner.new_cache(len(plan) + 64)
+        logits = runner.prefill(cache, plan.token_ids, 0, self.prefill_chunk)
+        report = PrefillReport.for_plan(self.name, plan)
+        report.compute_s = time.perf_counter() - t0
+        for seg in report.segments:
+            seg.recomputed = seg.tokens
+        return Prefilled(cache, logits, report)

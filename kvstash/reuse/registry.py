@@ -1,0 +1,51 @@
+"""The reuse methods by the name a user types (``--reuse``, ``reuse=``), filled here explicitly."""
+
+from __future__ import annotations
+
+from kvstash.reuse.base import ReuseMethod
+from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
+from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.partial import NaiveReuse
+from kvstash.reuse.prefix import PrefixReuse
+
+REUSE_METHODS: dict[str, type[ReuseMethod]] = {
+    cls.name: cls for cls in (FullPrefill, PrefixReuse, NaiveReuse, BlendReuse, CacheBlendReuse)
+}
+BLEND_METHODS = ("blend", "cacheblend")  # the ones that take a ratio and BlendConfig options
+
+
+def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
+    """Build a method from what a user types: ``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``,
+    ``cacheblend`` or ``cacheblend:0.3``.
+
+    ``opts`` are :class:`BlendConfig` fields (ratio, check_layer, query_share, stale_bias, gate); None values are
+    ignored. ValueError names what is known when the spec or an option is wrong.
+    """
+    name, _, arg = str(spec).partition(":")
+    if name not in REUSE_METHODS:
+        raise ValueError(f"unknown reuse method {spec!r}; choose one of: {', '.join(REUSE_METHODS)} (blend:RATIO)")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if arg:
+        if name not in BLEND_METHODS:
+            raise ValueError(f"only blend and cacheblend take a ratio (blend:0.15), got {spec!r}")
+        try:
+            opts["ratio"] = float(arg)
+        except ValueError:
+            raise ValueError(f"blend ratio must be a number, e.g. blend:0.15; got {arg!r}") from None
+    if name == "cacheblend" and (opts.get("query_share") or opts.get("stale_bias")):
+        raise ValueError(
+            "cacheblend is plain CacheBlend (no question share, no stale bias); use blend with --query-share "
+            "or --stale-bias"
+        )
+    cls = REUSE_METHODS[name]
+    if name in BLEND_METHODS:
+        return cls(BlendConfig(**opts), prefill_chunk=prefill_chunk)
+    if opts:
+        raise ValueError(f"{name} takes no blend options (got {', '.join(sorted(opts))}); use blend or cacheblend")
+    return cls(prefill_chunk=prefill_chunk)
+
+
+def register_method(cls: type[ReuseMethod]) -> type[ReuseMethod]:
+    """Add a reuse method of your own under ``cls.name`` (usable as a decorator)."""
+    REUSE_METHODS[cls.name] = cls
+    return cls
