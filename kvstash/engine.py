@@ -193,7 +193,7 @@ class Engine:
         pre = method.prefill(self.runner, plan, self.chunks if method.needs_store else None)
         cache, evictor, head_bits = comp.apply(self.runner, pre.cache, plan.token_ids)
         pre.report.kv_head_bits = head_bits
-        return replace(pre, cache=cache, evictor=evictor)
+        return replace(pre, cache=cache, decode_hook=evictor)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, pre: Prefilled, answer_ids: list[int]) -> torch.Tensor:
@@ -262,7 +262,7 @@ class Engine:
     def _decode(self, pre: Prefilled, params: SamplingParams, t0: float) -> Generator[str, None, GenerationResult]:
         """Sample the first token from ``pre``, then decode one token per forward until EOS, a stop string,
         ``max_tokens`` or the context limit. Yields text deltas; returns the result."""
-        cache, kv_bytes, evictor = pre.cache, pre.cache.nbytes, pre.evictor
+        cache, kv_bytes = pre.cache, pre.cache.nbytes
         rng = params.generator()
         text = TextStream(self.tokenizer, params.stop)
         pos = pre.report.prompt_tokens
@@ -282,9 +282,7 @@ class Engine:
                 break
             if len(text.ids) >= params.max_tokens or pos + 1 >= self.lm.context_limit:
                 break
-            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, hook=evictor)
-            if evictor:
-                evictor.step(cache)
+            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, hook=pre.decode_hook)
             pos += 1
             token = sample(logits, params, rng)
         tail = text.flush()

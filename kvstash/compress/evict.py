@@ -201,9 +201,9 @@ class H2O(EvictionPolicy):
 
 # --- while decoding -----------------------------------------------------------------------------------------
 class DecodeEvictor(LayerHook):
-    """Holds a decoding cache at ``limit`` tokens per layer and head: after each step (:meth:`step`) the policy
-    scores what is cached and the lowest go. For attention-tracking policies, pass the evictor as the ``hook`` of
-    ``Runner.forward``: :meth:`observe` adds each new query's attention to the slots' votes."""
+    """Holds a decoding cache at ``limit`` tokens per layer and head, as the ``hook`` of each decoding
+    ``Runner.forward``: :meth:`observe` adds each new query's attention to the slots' votes (attention-tracking
+    policies), and once the step is done (:meth:`step`) the policy scores what is cached and the lowest go."""
 
     def __init__(self, policy: EvictionPolicy, limit: int, votes: torch.Tensor | None):
         self.policy = policy
@@ -230,6 +230,9 @@ class DecodeEvictor(LayerHook):
         cache.keep(slots)
         if self.votes is not None:
             self.votes = torch.gather(self.votes[..., :n], 2, slots)
+
+    def done(self, cache: KVCache) -> None:
+        self.step(cache)
 
 
 def start_eviction(policy: EvictionPolicy, runner: Runner, cache: KVCache, token_ids) -> DecodeEvictor | None:

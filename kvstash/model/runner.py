@@ -33,7 +33,8 @@ class LayerHook:
     """Plug-in points of the layer loop for one sequence; every default does nothing.
 
     ``select`` runs after the layer's projections, ``observe`` once the layer's keys are in place, ``attend``
-    per block of queries instead of the fused kernel (return None to keep the kernel's result).
+    per block of queries instead of the fused kernel (return None to keep the kernel's result), ``done`` once
+    the pass has run every layer.
     """
 
     def select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Selection | None:
@@ -47,6 +48,9 @@ class LayerHook:
         """Attention of one block of queries over the keys they can see: q [H, Tb, D], k, v [KVH, m, D], mask
         [Tb, m] or None -> [Tb, H*D], or None for the fused kernel."""
         return None
+
+    def done(self, cache: KVCache) -> None:
+        """After the pass's last layer (e.g. evict down to a budget after a decoding step)."""
 
 
 class Watch(LayerHook):
@@ -163,6 +167,9 @@ class Runner:
                 outs.append(self._attend_rows(layer, rows, qi))
             h = self.finish(layer, _cat(hs), _cat(outs))
             hs = list(h.split([len(rows.positions) for rows in batch])) if len(batch) > 1 else [h]
+        for rows in batch:
+            if rows.hook is not None:
+                rows.hook.done(rows.cache)
         return hs
 
     def _select(self, layer: int, rows: Rows, q, k, v, h, rope):

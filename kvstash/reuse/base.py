@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from kvstash.cache.kv import KVCache
-from kvstash.model.runner import Runner
+from kvstash.model.runner import LayerHook, Runner
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.report import PrefillReport
 from kvstash.reuse.source import ChunkSource
-
-if TYPE_CHECKING:
-    from kvstash.compress.evict import DecodeEvictor
 
 
 @dataclass
@@ -30,7 +27,7 @@ class Prefilled:
     cache: KVCache
     last_logits: torch.Tensor  # [vocab] float32: the distribution of the first generated token
     report: PrefillReport
-    evictor: DecodeEvictor | None = None  # holds the cache at an eviction budget while decoding (``:decode``)
+    decode_hook: LayerHook | None = None  # runs in every decoding forward (eviction while decoding, ``:decode``)
 
 
 class ReuseMethod(ABC):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import types
 from dataclasses import replace
 
 import pytest
 import torch
 
-from kvstash.cache.kv import KVCache
-from kvstash.model.rope import Rope
-from kvstash.model.runner import LayerHook, Rows, Runner
 from kvstash.prompt import Segment
 from kvstash.reuse import make_method
 from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
@@ -18,7 +14,6 @@ from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.prefix import PrefixReuse
 from kvstash.reuse.report import PrefillReport
-from kvstash.reuse.selection import deviation, gate, top_share
 from kvstash.reuse.source import ChunkSource
 
 DOCS = [
@@ -26,6 +21,8 @@ DOCS = [
     "The Danube flows through Vienna, Bratislava, Budapest and Belgrade into the Black Sea.",
     "The secret code of the blue project is 4417. Nobody else knows it.",
 ]
+
+
 QUESTION = Segment("What is the secret code of the blue project?", "user")
 
 
@@ -189,66 +186,6 @@ def test_make_method_parses_specs_and_rejects_bad_ones():
             make_method(bad)
     with pytest.raises(ValueError, match="naive takes no blend options"):
         make_method("naive", ratio=0.3)
-
-
-def test_unsupported_rope_is_refused():
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(rotary_emb=types.SimpleNamespace(rope_type="dynamic")))
-    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
-        Rope.from_model(fake)
-
-
-def test_selection_functions_on_constructed_cases():
-    fresh = torch.zeros(1, 4, 2)
-    old = torch.zeros(1, 4, 2)
-    old[0, 2] = torch.tensor([3.0, 4.0])  # token 2 deviates by 5
-    fresh[0, :] = 1.0
-    dev, rel = deviation(fresh, old)
-    assert dev.argmax().item() == 2
-    assert torch.allclose(dev, torch.tensor([2.0**0.5, 2.0**0.5, (4.0 + 9.0) ** 0.5, 2.0**0.5]))
-    assert torch.allclose(rel, dev / 2.0**0.5)  # relative to the fresh norm, sqrt(2) here
-    assert top_share(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [False, True, False, True]
-    assert not top_share(torch.tensor([0.1, 0.9]), 0).any()
-    chosen, fired = gate(torch.tensor([0.1, 0.1, 0.9, 0.8]), torch.tensor([0, 0, 1, 1]), 0.5)
-    assert fired == 1 and chosen.tolist() == [False, False, True, True]
-
-
-def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine):
-    """The layer loop attends in blocks that leave out keys no query of the block can see: same output."""
-    torch.manual_seed(0)
-    runner = Runner(engine.lm.model, block=16)
-    q, k, v = torch.randn(9, 40, 64), torch.randn(3, 100, 64), torch.randn(3, 100, 64)
-    q_pos = torch.sort(torch.randperm(100)[:40]).values
-    cache = KVCache(1, 3, 64, torch.float32, capacity=100)
-    cache.extend(k[None], v[None], torch.arange(100))
-    seen = []
-
-    class Record(LayerHook):
-        def attend(self, layer, q_, k_, v_, m_):
-            seen.append(k_.shape[1])
-
-    got = runner._attend_rows(0, Rows(q_pos, q_pos, cache, q_pos, hook=Record()), q)
-    want = runner.attend(q, k, v, q_pos[:, None] >= torch.arange(100)[None])  # one call, [40, 100] causal
-    assert torch.allclose(got, want, atol=1e-5)
-    assert seen == [int(q_pos[min(s + 15, 39)]) + 1 for s in range(0, 40, 16)]  # each block: up to its last query
-
-
-def test_a_huge_negative_logit_bias_is_the_same_as_evicting_the_key(engine):
-    """Runner.forward adds the cache's bias to the attention logits: -1e9 on a slot = the slot removed."""
-    ids = torch.tensor(engine.tokenizer.encode(DOCS[0]))
-    n = len(ids)
-    prompt = engine.runner.new_cache()
-    engine.runner.forward(ids, torch.arange(n), prompt)
-    drop = torch.tensor([3, 7])
-    kept = torch.tensor([i for i in range(n) if i not in drop.tolist()])
-    biased, evicted, unbiased = prompt.clone(), prompt.clone(), prompt.clone()
-    biased.add_bias(0, drop, -1e9)
-    evicted.keep(kept)
-    unbiased.add_bias(0, drop, 0.0)  # a zero bias takes the float-mask path and changes nothing
-    step = (torch.tensor([ids[0].item()]), torch.tensor([n]))
-    ref = engine.runner.forward(*step, prompt.clone())
-    assert _max_diff(engine.runner.forward(*step, biased), engine.runner.forward(*step, evicted)) < 1e-4
-    assert _max_diff(engine.runner.forward(*step, unbiased), ref) < 1e-4
-    assert _max_diff(engine.runner.forward(*step, biased), ref) > 1e-3
 
 
 def test_stale_bias_marks_exactly_the_tokens_not_recomputed(engine, source):

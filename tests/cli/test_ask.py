@@ -1,12 +1,17 @@
-"""The CLI parses, calls the library and prints what it promised."""
+"""kvstash ask / demo / models: answers, JSON, flags, clear errors, --help everywhere."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
+import kvstash
 from kvstash.cli import build_parser, main
+
+QUESTION = "Which elements did Marie Curie discover?"
 
 
 def test_ask_json_answers_paris(capsys):
@@ -67,3 +72,31 @@ def test_help_everywhere(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
     assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_cli_kv_bits_and_evict(capsys) -> None:
+    import json
+    from pathlib import Path
+
+    import kvstash
+    from kvstash.cli import main
+
+    doc = str(Path(kvstash.__file__).parent / "demo_docs" / "curie.txt")
+    args = ["ask", QUESTION, "--doc", doc, "--max-tokens", "2", "--json"]
+    assert main([*args, "--kv-bits", "4", "--evict", "streaming:0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["kv_bytes"] < 2 * 30 * 3 * 64 * 2 * out["prompt_tokens"] / 2  # under half of fp16
+    assert main([*args, "--evict", "snapkv:2.5"]) == 2
+    assert "budget '2.5'" in capsys.readouterr().err
+
+
+def test_cli_kv_alloc(capsys) -> None:
+    from kvstash.cli import main
+
+    doc = str(Path(kvstash.__file__).parent / "demo_docs" / "curie.txt")
+    args = ["ask", QUESTION, "--doc", doc, "--max-tokens", "2", "--json", "--kv-bits"]
+    assert main([*args, "4", "--kv-alloc", "mixed"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert torch.tensor(out["kv_head_bits"]).shape == (30, 3, 2)
+    assert main([*args, "2", "--kv-alloc", "mixed"]) == 2
+    assert "use it with --kv-bits 4" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Two ``kvstash serve`` processes on one Redis store share their documents and each other's chunk KV."""
+"""Two servers sharing a Redis tier share documents and their KV."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.redis_server import redis_url  # noqa: F401 - fixture
-from tests.test_server import DOC, ServerProcess, ask, start_servers
+from tests.server.test_app import DOC, ServerProcess, ask, start_servers
 
 pytestmark = pytest.mark.redis
 

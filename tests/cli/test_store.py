@@ -1,5 +1,4 @@
-"""The chunk store end to end: ask reuses stored KV, corruption and a Redis outage change no answer,
-ingest fills the store with the keys ask looks up, and the store commands report what they find."""
+"""kvstash ingest and kvstash store: reuse through disk and Redis stores, corruption, outages, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import redis
 
 from kvstash.cli import build_parser, main
 from kvstash.engine import Engine
-from kvstash.splitting import split_text
 from tests.redis_server import (
     redis_url,  # noqa: F401
     skip_without_redis,
@@ -26,6 +24,8 @@ DOC = (
     "burning on the north pier every night for ninety years. The society's last president was Ada Quill, "
     "a ship's carpenter, who closed it in 1977 when an electric beacon replaced the lamp."
 )
+
+
 QUESTION = "Who was the last president of the Harbor Lantern Society?"
 
 
@@ -173,24 +173,3 @@ def test_help(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*argv, "--help"])
     assert e.value.code == 0 and "usage" in capsys.readouterr().out
-
-
-def test_split_text_prefers_paragraphs_then_sentences() -> None:
-    words = lambda t: len(t.split())  # noqa: E731 - a stand-in tokenizer: one token per word
-    text = "One two three. Four five.\n\nSix seven. Eight nine ten eleven twelve thirteen fourteen.\n\nFifteen."
-    assert split_text(text, 100, words) == [text]
-    assert split_text(text, 5, words) == [
-        "One two three. Four five.",
-        "Six seven. Eight nine ten",
-        "eleven twelve thirteen fourteen.\n\nFifteen.",
-    ]
-    assert split_text(text, 12, words) == [
-        "One two three. Four five.",  # a paragraph that fits is not split to fill the chunk before it
-        "Six seven. Eight nine ten eleven twelve thirteen fourteen.\n\nFifteen.",
-    ]
-    chunks = split_text(text, 3, words)
-    assert all(words(c) <= 3 for c in chunks) and " ".join(chunks).split() == text.split()
-    assert split_text("abcdefg", 3, len) == ["abc", "def", "g"]
-    assert split_text("  \n ", 3, len) == []
-    with pytest.raises(ValueError, match="max_tokens"):
-        split_text("text", 0, len)

@@ -1,4 +1,4 @@
-"""Eviction order, disk persistence, damaged files on disk, and two processes sharing one directory."""
+"""LRU by bytes in the RAM and disk tiers, reopening, damage, two processes on one directory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from kvstash.store import DiskTier, RamTier, StoreConfig
 from kvstash.store.disk import SUFFIX
-from tests.test_store import CFG, assert_same, blob_of, make_chunk
+from tests.store.test_tiers import CFG, assert_same, blob_of, make_chunk
 
 SIZE = len(blob_of(make_chunk(0)))  # every make_chunk record has this size
 
@@ -22,6 +22,37 @@ def _fill(tier, seeds):
     for chunk in chunks.values():
         assert tier.put(CFG.key(chunk.token_ids), chunk)
     return {s: CFG.key(c.token_ids) for s, c in chunks.items()}, chunks
+
+
+N_KEYS = 4
+
+
+def expected_chunk(key_index: int, writer: int):
+    """Writer-specific content under a shared key: a torn or mixed record would match neither."""
+    chunk = make_chunk(key_index)
+    chunk.keys = chunk.keys + 1000 * writer
+    chunk.values = chunk.values - 1000 * writer
+    return chunk
+
+
+def writer_reader(root: str, writer: int, rounds: int) -> tuple[int, int, int, int]:
+    """Child process: write and read the shared keys; returns (hits, bad, corrupt, errors)."""
+    tier = DiskTier(CFG, root, budget_bytes=3 * SIZE + SIZE // 2)  # evictions race with reads too
+    candidates = [[expected_chunk(i, w) for w in (0, 1)] for i in range(N_KEYS)]
+    hits = bad = 0
+    for r in range(rounds):
+        i = (r + writer) % N_KEYS
+        mine = candidates[i][writer]
+        tier.put(CFG.key(mine.token_ids), mine)
+        j = (r * 3 + 1) % N_KEYS
+        hit = tier.get(CFG.key(candidates[j][0].token_ids), candidates[j][0].token_ids)
+        got = None if hit is None else hit.chunk
+        if got is not None:
+            hits += 1
+            if not any(torch.equal(got.keys, c.keys) and torch.equal(got.values, c.values) for c in candidates[j]):
+                bad += 1
+    s = tier.stats()
+    return hits, bad, s.corrupt, s.errors
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
@@ -146,39 +177,6 @@ def test_disk_unwritable_root_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ValueError, match="writable directory"):
         DiskTier(CFG, blocker / "kv")
-
-
-# --- two processes, one directory ----------------------------------------------------------------
-
-N_KEYS = 4
-
-
-def expected_chunk(key_index: int, writer: int):
-    """Writer-specific content under a shared key: a torn or mixed record would match neither."""
-    chunk = make_chunk(key_index)
-    chunk.keys = chunk.keys + 1000 * writer
-    chunk.values = chunk.values - 1000 * writer
-    return chunk
-
-
-def writer_reader(root: str, writer: int, rounds: int) -> tuple[int, int, int, int]:
-    """Child process: write and read the shared keys; returns (hits, bad, corrupt, errors)."""
-    tier = DiskTier(CFG, root, budget_bytes=3 * SIZE + SIZE // 2)  # evictions race with reads too
-    candidates = [[expected_chunk(i, w) for w in (0, 1)] for i in range(N_KEYS)]
-    hits = bad = 0
-    for r in range(rounds):
-        i = (r + writer) % N_KEYS
-        mine = candidates[i][writer]
-        tier.put(CFG.key(mine.token_ids), mine)
-        j = (r * 3 + 1) % N_KEYS
-        hit = tier.get(CFG.key(candidates[j][0].token_ids), candidates[j][0].token_ids)
-        got = None if hit is None else hit.chunk
-        if got is not None:
-            hits += 1
-            if not any(torch.equal(got.keys, c.keys) and torch.equal(got.values, c.values) for c in candidates[j]):
-                bad += 1
-    s = tier.stats()
-    return hits, bad, s.corrupt, s.errors
 
 
 def test_two_processes_share_a_directory(tmp_path: Path) -> None:

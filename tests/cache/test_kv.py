@@ -1,12 +1,10 @@
-"""KVCache bookkeeping and rotary re-positioning."""
+"""KVCache: growth, per-head keep, and the logit bias following its slots."""
 
 from __future__ import annotations
 
 import torch
 
 from kvstash.cache.kv import KVCache
-from kvstash.detok import TextStream
-from kvstash.model.rope import reposition
 
 
 def test_cache_grows_and_keeps_contents():
@@ -30,37 +28,6 @@ def test_keep_per_head_marks_cache_non_uniform():
     c.keep(torch.tensor([[[0, 3], [1, 2]]]))
     assert c.length == 2 and not c.uniform
     assert c.pos[0, :, :2].tolist() == [[0, 3], [1, 2]]
-
-
-def test_reposition_matches_keys_computed_at_the_offset(engine, lm):
-    ids = torch.tensor(lm.tokenizer("Paris is the capital of France.")["input_ids"])
-    r = engine.runner
-    at0, atp = r.new_cache(), r.new_cache()
-    p = 300
-    r.forward(ids, torch.arange(len(ids)), at0)
-    r.forward(ids, torch.arange(p, p + len(ids)), atp)
-    moved = reposition(at0.keys[0], at0.positions, atp.positions, r.rope)  # layer 0
-    assert (moved - atp.keys[0]).abs().max().item() < 1e-4
-    assert torch.equal(at0.values[0], atp.values[0])  # values carry no position
-
-
-class _CharTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
-
-
-def test_text_stream_holds_back_a_possible_stop_prefix():
-    ts = TextStream(_CharTokenizer(), stop=("END",))
-    out = [ts.push(ord(c)) for c in "abcEN"]
-    assert "".join(out) == "abc"  # "EN" may be the start of "END"
-    out.append(ts.push(ord("D")))
-    assert ts.stopped and ts.text == "abc" and "".join(out) == "abc"
-
-
-def test_text_stream_releases_held_text_when_it_is_not_a_stop():
-    ts = TextStream(_CharTokenizer(), stop=("END",))
-    out = [ts.push(ord(c)) for c in "aENx"]
-    assert "".join(out) + ts.flush() == "aENx" and not ts.stopped
 
 
 def test_logit_bias_follows_its_slots_through_grow_keep_and_clone():

@@ -1,4 +1,4 @@
-"""KIVI quantization: bit packing, grouped min-max quantization, KV layout, codecs and the decode cache."""
+"""KIVI math: bit packing, quantization against a loop reference, error bounds, layout and exact sizes."""
 
 from __future__ import annotations
 
@@ -20,44 +20,12 @@ from kvstash.cache.kivi import (
     quantized_tensor_nbytes,
     unpack_bits,
 )
-from kvstash.cache.layer import KVQuantConfig, QuantizedLayerCache
-from kvstash.store.codec_registry import CODECS
 
 BITS = (2, 4, 8)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-# --- bit packing -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("n", [1, 3, 7, 13, 1001])
-def test_pack_unpack_round_trip(bits: int, n: int) -> None:
-    q = torch.randint(0, 2**bits, (n,), generator=_gen(n), dtype=torch.uint8)
-    packed = pack_bits(q, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
-    assert torch.equal(unpack_bits(packed, bits, n), q)
-
-
-def test_pack_layout_first_value_in_low_bits() -> None:
-    q = torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8)
-    assert pack_bits(q, 2).tolist() == [0b00_11_10_01, 0b11]
-    assert pack_bits(torch.tensor([0xA, 0x5, 0xF], dtype=torch.uint8), 4).tolist() == [0x5A, 0x0F]
-
-
-def test_pack_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="bits must be one of"):
-        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
-    with pytest.raises(ValueError, match="uint8"):
-        pack_bits(torch.zeros(4, dtype=torch.int64), 4)
-    with pytest.raises(ValueError, match="bytes hold"):
-        unpack_bits(torch.zeros(2, dtype=torch.uint8), 2, 9)
-
-
-# --- quantize vs a loop-based reference --------------------------------------------------------------------
 
 
 def _ref_quantize(x: torch.Tensor, bits: int, g: int, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,6 +56,35 @@ def _ref_quantize(x: torch.Tensor, bits: int, g: int, axis: int) -> tuple[np.nda
     return codes, scale, zero
 
 
+def _elementwise_scale(q: Quantized) -> torch.Tensor:
+    s = q.scale.float().repeat_interleave(q.group_size, dim=q.axis)
+    return s.narrow(q.axis, 0, q.shape[q.axis])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [1, 3, 7, 13, 1001])
+def test_pack_unpack_round_trip(bits: int, n: int) -> None:
+    q = torch.randint(0, 2**bits, (n,), generator=_gen(n), dtype=torch.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, n), q)
+
+
+def test_pack_layout_first_value_in_low_bits() -> None:
+    q = torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8)
+    assert pack_bits(q, 2).tolist() == [0b00_11_10_01, 0b11]
+    assert pack_bits(torch.tensor([0xA, 0x5, 0xF], dtype=torch.uint8), 4).tolist() == [0x5A, 0x0F]
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="uint8"):
+        pack_bits(torch.zeros(4, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="bytes hold"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 2, 9)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("g", "axis"), [(4, -1), (5, -1), (4, 1), (3, 1), (16, 0)])
 def test_quantize_matches_reference(bits: int, g: int, axis: int) -> None:
@@ -107,11 +104,6 @@ def test_quantize_matches_reference(bits: int, g: int, axis: int) -> None:
     scale_e = torch.from_numpy(scale.astype(np.float32)).repeat_interleave(g, -1)[..., :n]
     want = torch.from_numpy(codes).float() * scale_e + zero_e
     assert torch.equal(dequantize(q).movedim(ax, -1), want)
-
-
-def _elementwise_scale(q: Quantized) -> torch.Tensor:
-    s = q.scale.float().repeat_interleave(q.group_size, dim=q.axis)
-    return s.narrow(q.axis, 0, q.shape[q.axis])
 
 
 @pytest.mark.parametrize(("bits", "axis"), list(itertools.product(BITS, [2, 3])))
@@ -157,9 +149,6 @@ def test_quantize_rejects_bad_input() -> None:
         quantize(torch.zeros(4), 4, axis=1)
 
 
-# --- KIVI layout -------------------------------------------------------------------------------------------
-
-
 def test_keys_per_channel_values_per_token() -> None:
     k = torch.randn(1, 2, 64, 64, generator=_gen(1)) * 0.1
     v = k.clone()
@@ -198,101 +187,3 @@ def test_exact_sizes(bits: int, shape: tuple[int, ...]) -> None:
 def test_size_formula_by_hand() -> None:
     # [2, 3, 70, 40] at 4 bits, G=32: codes 16800 / 2 bytes each; key groups 2*3*3*40, value 2*3*70*2
     assert quantized_nbytes((2, 3, 70, 40), 4, 32) == 2 * 8400 + 4 * (720 + 840)
-
-
-# --- codecs ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["kivi8", "kivi4", "kivi2"])
-def test_codec_round_trip(name: str) -> None:
-    codec = CODECS[name]()
-    shape = (2, 3, 45, 64)
-    k = torch.randn(shape, generator=_gen(0))
-    v = torch.randn(shape, generator=_gen(1))
-    data = codec.encode(k, v)
-    assert isinstance(data, bytes) and len(data) == codec.encoded_nbytes(shape)
-    k2, v2 = codec.decode(memoryview(data), shape, torch.float16)
-    assert k2.dtype == v2.dtype == torch.float16 and k2.shape == shape
-    qk, qv = quantize_kv(k, v, codec.bits, codec.group_size)
-    assert torch.equal(k2, dequantize(qk).half()) and torch.equal(v2, dequantize(qv).half())
-    assert codec.encode(k, v) == data  # deterministic
-    with pytest.raises(ValueError, match="bytes"):
-        codec.decode(data[:-1], shape, torch.float32)
-
-
-def test_get_codec_round_trip() -> None:
-    pytest.importorskip("kvstash.store.dense_codec", reason="get_codec needs the dense codecs module")
-    from kvstash.store.codec_registry import get_codec
-
-    codec = get_codec("kivi4")
-    shape = (2, 2, 64, 32)
-    k, v = torch.randn(shape, generator=_gen(2)), torch.randn(shape, generator=_gen(3))
-    data = codec.encode(k, v)
-    assert len(data) == codec.encoded_nbytes(shape)
-    k2, v2 = codec.decode(data, shape, torch.float32)
-    assert (k2 - k).abs().max() < 0.5 and (v2 - v).abs().max() < 0.5
-
-
-def test_codec_ratios_vs_fp16() -> None:
-    shape = (30, 3, 2048, 64)  # layers, kv_heads, tokens, head_dim
-    fp16 = 2 * math.prod(shape) * 2
-    ratio = {n: CODECS[n]().encoded_nbytes(shape) / fp16 for n in ("kivi8", "kivi4", "kivi2")}
-    assert ratio["kivi4"] <= 0.3 and ratio["kivi2"] <= 0.2, ratio
-    # (bits + 32 bits of fp16 scale+zero per group of G) / 16: kivi4 uses G=64, the others G=32
-    assert ratio == {"kivi8": (8 + 1) / 16, "kivi4": (4 + 0.5) / 16, "kivi2": (2 + 1) / 16}
-
-
-# --- decode cache ------------------------------------------------------------------------------------------
-
-
-def _kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (3, tokens, 16)  # kv_heads, tokens, head_dim
-    return torch.randn(shape, generator=_gen(seed)), torch.randn(shape, generator=_gen(seed + 1))
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_cache_70_tokens(bits: int) -> None:
-    k, v = _kv(70)
-    cache = QuantizedLayerCache(KVQuantConfig(bits=bits, group_size=32, residual=32))
-    for a, b in [(0, 1), (1, 41), (41, 70)]:  # split arbitrarily
-        cache.append(k[:, a:b], v[:, a:b])
-    # 70 >= R + G: the oldest 32 tokens are quantized, the newest 38 (>= R) stay exact
-    assert (cache.num_quantized, cache.num_residual, cache.num_tokens) == (32, 38, 70)
-    rk, rv = cache.residual
-    assert torch.equal(rk, k[:, 32:]) and torch.equal(rv, v[:, 32:])
-    mk, mv = cache.materialize()
-    assert mk.shape == mv.shape == (3, 70, 16) and mk.dtype == torch.float32
-    assert torch.equal(mk[:, 32:], k[:, 32:]) and torch.equal(mv[:, 32:], v[:, 32:])
-    qk, qv = quantize(k[:, :32], bits, 32, axis=1), quantize(v[:, :32], bits, 32, axis=2)
-    assert torch.equal(mk[:, :32], dequantize(qk)) and torch.equal(mv[:, :32], dequantize(qv))
-    assert ((mk[:, :32] - k[:, :32]).abs() <= _elementwise_scale(qk) / 2 + 1e-6).all()
-    assert ((mv[:, :32] - v[:, :32]).abs() <= _elementwise_scale(qv) / 2 + 1e-6).all()
-    full = 2 * k.numel() * 4
-    assert cache.nbytes == qk.nbytes + qv.nbytes + 2 * 3 * 38 * 16 * 4 < full
-
-
-def test_cache_split_independent_and_shrinks() -> None:
-    k, v = _kv(300, seed=5)
-    bulk = QuantizedLayerCache(KVQuantConfig(bits=2))
-    bulk.append(k, v)
-    one = QuantizedLayerCache(KVQuantConfig(bits=2))
-    for t in range(300):
-        one.append(k[:, t : t + 1], v[:, t : t + 1])
-    assert (one.num_quantized, one.num_residual) == (bulk.num_quantized, bulk.num_residual) == (256, 44)
-    for a, b in zip(one.materialize(), bulk.materialize(), strict=True):
-        assert torch.equal(a, b)
-    assert one.nbytes == bulk.nbytes < 0.3 * (2 * k.numel() * 4)
-
-
-def test_cache_validation() -> None:
-    with pytest.raises(ValueError, match="kv-bits"):
-        KVQuantConfig(bits=3)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        KVQuantConfig(group_size=30)
-    assert KVQuantConfig(group_size=16).residual == 16
-    cache = QuantizedLayerCache()
-    with pytest.raises(ValueError, match="empty"):
-        cache.materialize()
-    cache.append(*_kv(5))
-    with pytest.raises(ValueError, match="heads"):
-        cache.append(torch.zeros(2, 1, 16), torch.zeros(2, 1, 16))

@@ -1,4 +1,4 @@
-"""kvstash bench: method-spec parsing, report formatting, and a tiny in-process run end to end."""
+"""The benchmark harness: method specs, summaries, a quick end-to-end run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,52 @@ from kvstash.bench.report import markdown_table, summarize_methods, write_all
 from kvstash.bench.runner import BenchConfig, run_bench
 from kvstash.cli import build_parser, main
 
-# ---------------------------------------------------------------- method specs
+
+def _rows():
+    def row(method, ttft, contains, agree, kl):
+        return {
+            "method": method, "ttft_s": ttft, "contains": contains, "f1": float(contains), "agree": agree,
+            "kl": kl, "prompt_tokens": 100, "recomputed_tokens": 100 if method == "full" else 10,
+            "reused_tokens": 0 if method == "full" else 90, "kv_bytes": 2**20, "peak_rss_mb": 500.0,
+        }  # fmt: skip
+
+    return [
+        row("full", 2.0, True, True, 0.0),
+        row("full", 4.0, False, True, 0.0),
+        row("full", 3.0, True, True, 0.0),
+        row("naive", 0.5, True, False, 0.3),
+        row("naive", 1.5, False, True, 0.1),
+        row("naive", 1.0, False, True, 0.2),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A musique-format file with short passages: the needle haystack for a fast run."""
+    topics = ["river", "castle", "violin", "glacier", "harbor", "orchard", "comet", "library"]
+    rows = [
+        {
+            "id": f"t{i}",
+            "question": "q?",
+            "answers": ["a"],
+            "ctxs": [{"title": t.title(), "text": f"The {t} is old. It is known in the region. People visit it."}],
+        }
+        for i, t in enumerate(topics)
+    ]
+    d = tmp_path_factory.mktemp("data")
+    (d / "musique_s.json").write_text(json.dumps(rows))
+    return d
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the run: two threads slow down several-fold while other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -64,27 +109,6 @@ def test_parse_methods_puts_the_full_reference_first():
         parse_methods(" , ")
 
 
-# ---------------------------------------------------------------- report
-
-
-def _rows():
-    def row(method, ttft, contains, agree, kl):
-        return {
-            "method": method, "ttft_s": ttft, "contains": contains, "f1": float(contains), "agree": agree,
-            "kl": kl, "prompt_tokens": 100, "recomputed_tokens": 100 if method == "full" else 10,
-            "reused_tokens": 0 if method == "full" else 90, "kv_bytes": 2**20, "peak_rss_mb": 500.0,
-        }  # fmt: skip
-
-    return [
-        row("full", 2.0, True, True, 0.0),
-        row("full", 4.0, False, True, 0.0),
-        row("full", 3.0, True, True, 0.0),
-        row("naive", 0.5, True, False, 0.3),
-        row("naive", 1.5, False, True, 0.1),
-        row("naive", 1.0, False, True, 0.2),
-    ]
-
-
 def test_summarize_methods_medians_speedup_rates():
     full, naive = summarize_methods(_rows(), parse_methods("full,naive"))
     assert (full["ttft_s"], full["speedup_vs_full"], full["agreement"], full["kl"]) == (3.0, 1.0, 1.0, 0.0)
@@ -102,38 +126,6 @@ def test_markdown_table_formats_every_column():
     assert lines[0].startswith("| method | TTFT med (s) | TTFT p90 (s) | speedup |")
     assert lines[1] == "|" + "---|" * 11
     assert lines[3] == "| naive | 1.000 | 1.400 | 3.00x | 10 | 90 | 0.33 | 0.333 | 0.67 | 0.2000 | 1.0 |"
-
-
-# ---------------------------------------------------------------- a tiny run end to end
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A musique-format file with short passages: the needle haystack for a fast run."""
-    topics = ["river", "castle", "violin", "glacier", "harbor", "orchard", "comet", "library"]
-    rows = [
-        {
-            "id": f"t{i}",
-            "question": "q?",
-            "answers": ["a"],
-            "ctxs": [{"title": t.title(), "text": f"The {t} is old. It is known in the region. People visit it."}],
-        }
-        for i, t in enumerate(topics)
-    ]
-    d = tmp_path_factory.mktemp("data")
-    (d / "musique_s.json").write_text(json.dumps(rows))
-    return d
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for the run: two threads slow down several-fold while other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_quick_run_writes_table_json_csv_png(engine, tiny_data, tmp_path, one_thread):
@@ -182,3 +174,12 @@ def test_bench_config_validates():
         BenchConfig("needle", n=0)
     with pytest.raises(ValueError, match="start with plain 'full'"):
         BenchConfig("needle", methods=(MethodSpec("naive", "naive"),))
+
+
+def test_bench_spec_kv4mixed() -> None:
+    m = parse_method("blend:0.15@kv4mixed")
+    assert (m.kv_bits, m.kv_alloc) == (4, "mixed")
+    assert m.engine_kwargs == {"kv_bits": 4, "kv_alloc": "mixed"}
+    assert parse_method("full@kv4").engine_kwargs == {"kv_bits": 4}
+    with pytest.raises(ValueError, match="use @kv4mixed"):
+        parse_method("full@kv2mixed")

@@ -1,4 +1,4 @@
-"""Chunk store: codecs, records, keys, and one matrix over every tier (ram, disk, redis)."""
+"""Records, keys and one matrix over every tier: put/get, stats, corruption, bad keys."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from kvstash.store import (
     chunk_key,
     decode_record,
     encode_record,
-    get_codec,
 )
 from kvstash.store.chunk import ChunkKV
 from tests.redis_server import redis_url  # noqa: F401
 
 SHAPE = (2, 3, 5, 8)  # [layers, kv_heads, tokens, head_dim]
+
+
 CFG = StoreConfig(model_fingerprint="test-model", codec="fp32")
 
 
@@ -54,49 +55,6 @@ def blob_of(chunk: ChunkKV, cfg: StoreConfig = CFG) -> bytes:
     return encode_record(cfg.key(chunk.token_ids), cfg.model_fingerprint, cfg.codec, chunk)
 
 
-# --- codecs ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name,store_dtype", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
-)
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-def test_dense_codec_roundtrip(name: str, store_dtype: torch.dtype, in_dtype: torch.dtype) -> None:
-    chunk = make_chunk(1, dtype=in_dtype)
-    codec = get_codec(name)
-    data = codec.encode(chunk.keys, chunk.values)
-    assert len(data) == codec.encoded_nbytes(SHAPE) == 2 * chunk.keys.numel() * store_dtype.itemsize
-    keys, values = codec.decode(data, SHAPE, in_dtype)
-    assert keys.dtype == in_dtype and keys.shape == SHAPE
-    # exactly the storage dtype's rounding of the input, nothing more
-    assert torch.equal(keys, chunk.keys.to(store_dtype).to(in_dtype))
-    assert torch.equal(values, chunk.values.to(store_dtype).to(in_dtype))
-
-
-def test_codec_rejects_wrong_payload_size() -> None:
-    with pytest.raises(ValueError, match="expected"):
-        get_codec("fp16").decode(b"\0" * 10, SHAPE, torch.float32)
-
-
-def test_unknown_codec_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="fp16"):
-        StoreConfig("m", codec="nope")
-
-
-# --- records and keys -----------------------------------------------------------------------------
-
-
-def test_record_roundtrip_and_key_check() -> None:
-    chunk = make_chunk(2)
-    key = CFG.key(chunk.token_ids)
-    record = decode_record(blob_of(chunk), expect_key=key)
-    assert (record.key, record.model_fingerprint, record.codec) == (key, "test-model", "fp32")
-    assert_same(record.chunk, chunk)
-    with pytest.raises(CorruptRecord) as err:
-        decode_record(blob_of(chunk), expect_key=CFG.key([1, 2, 3]))
-    assert err.value.reason == "key"
-
-
 def _with_version(blob: bytes, version: int) -> bytes:
     body = blob[:8] + struct.pack("<H", version) + blob[10:-8]
     return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))  # a valid checksum: only the version is off
@@ -113,8 +71,40 @@ CORRUPTIONS = {
     "wrong_version": lambda b: _with_version(b, FORMAT_VERSION + 1),
     "other_key": lambda b: blob_of(make_chunk(9)),
 }
+
+
 REASONS = {"empty": "truncated", "garbage": "magic", "foreign_json": "magic", "wrong_version": "version"}
+
+
 REASONS |= {"other_key": "key"}
+
+
+TIERS = ["ram", "disk", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=TIERS)
+def tier(request: pytest.FixtureRequest, tmp_path) -> Tier:
+    if request.param == "ram":
+        t: Tier = RamTier(CFG, budget_bytes=1 << 20)
+    elif request.param == "disk":
+        t = DiskTier(CFG, tmp_path / "kv", budget_bytes=1 << 20)
+    else:
+        url = request.getfixturevalue("redis_url")
+        t = RedisTier(CFG, url, prefix=f"kvstash-test-{uuid.uuid4().hex[:8]}:")
+    yield t
+    t.clear()
+    t.close()
+
+
+def test_record_roundtrip_and_key_check() -> None:
+    chunk = make_chunk(2)
+    key = CFG.key(chunk.token_ids)
+    record = decode_record(blob_of(chunk), expect_key=key)
+    assert (record.key, record.model_fingerprint, record.codec) == (key, "test-model", "fp32")
+    assert_same(record.chunk, chunk)
+    with pytest.raises(CorruptRecord) as err:
+        decode_record(blob_of(chunk), expect_key=CFG.key([1, 2, 3]))
+    assert err.value.reason == "key"
 
 
 @pytest.mark.parametrize("mode", sorted(CORRUPTIONS))
@@ -135,25 +125,6 @@ def test_chunk_key_is_stable_and_distinct() -> None:
     others += [chunk_key("m", [3, 2, 1], "fp16"), chunk_key("m", [1, 2], "fp16"), chunk_key("m", [], "fp16")]
     assert len({base, *others}) == 6
     assert chunk_key("m", torch.tensor([1, 2, 3]).tolist(), "fp16") == base
-
-
-# --- one matrix over every tier -------------------------------------------------------------------
-
-TIERS = ["ram", "disk", pytest.param("redis", marks=pytest.mark.redis)]
-
-
-@pytest.fixture(params=TIERS)
-def tier(request: pytest.FixtureRequest, tmp_path) -> Tier:
-    if request.param == "ram":
-        t: Tier = RamTier(CFG, budget_bytes=1 << 20)
-    elif request.param == "disk":
-        t = DiskTier(CFG, tmp_path / "kv", budget_bytes=1 << 20)
-    else:
-        url = request.getfixturevalue("redis_url")
-        t = RedisTier(CFG, url, prefix=f"kvstash-test-{uuid.uuid4().hex[:8]}:")
-    yield t
-    t.clear()
-    t.close()
 
 
 def test_tier_put_get_contains_delete(tier: Tier) -> None:

@@ -17,9 +17,8 @@ from kvstash.compress.evict import (
     start_eviction,
     top_slots,
 )
-from kvstash.model.attention import attention_probs, biased_mask, causal_mask, votes_per_kv_head
-from kvstash.model.replay import attention_votes
-from kvstash.model.runner import Runner, Watch
+from kvstash.model.attention import causal_mask
+from kvstash.model.runner import Runner
 
 KVH, H, D = 2, 4, 4  # the constructed cases: 2 KV heads, 2 query heads each
 
@@ -50,7 +49,32 @@ class FakeRunner(Runner):
         return h
 
 
-# --- parsing and budgets ---------------------------------------------------------------------------------------
+def _snap_case(n: int = 16) -> tuple[FakeRunner, KVCache]:
+    """KV head 0's window queries look only at token 3, KV head 1's only at token 9."""
+    cache = _cache(n)
+    k = torch.zeros(1, KVH, n, D)
+    k[0, 0, 3, 0] = k[0, 1, 9, 1] = 10.0
+    cache.k[:, :, :n] = k
+    q = torch.zeros(H, n, D)
+    q[0:2, :, 0] = q[2:4, :, 1] = 10.0  # query heads 0-1 read KV head 0, 2-3 read KV head 1
+    return FakeRunner(q), cache
+
+
+def _masked_decode(runner, cache: KVCache, kept: torch.Tensor, token: int, pos: int) -> torch.Tensor:
+    """Reference: one decoding step over the full cache with the evicted tokens masked per layer and head.
+    kept: [L, KVH, n] bool over the full cache's slots."""
+    p = torch.tensor([pos])
+    cos, sin = runner.rope.cos_sin(p)
+    start = cache.append(p)
+    kept = torch.cat([kept, torch.ones(*kept.shape[:2], 1, dtype=torch.bool)], dim=2)  # the new token
+    h = runner.embed(torch.tensor([token]))
+    for i in range(runner.num_layers):
+        q, k, v = runner.qkv(i, h, cos, sin)
+        cache.write(i, start, k, v)
+        k_all, v_all, k_pos = cache.layer(i)
+        mask = causal_mask(p, k_pos) & kept[i][:, None, :]  # [KVH, 1, n]
+        h = runner.finish(i, h, runner.attend(q, k_all, v_all, mask))
+    return runner.logits(h)[0]
 
 
 def test_parse_evict() -> None:
@@ -109,9 +133,6 @@ def test_top_slots_keeps_protected_then_best_with_ties_to_lower_slot() -> None:
     assert top_slots(scores, torch.tensor([True] * 3 + [False] * 3), 1).tolist() == [[[0, 1, 2], [0, 1, 2]]]
 
 
-# --- which tokens each policy keeps ------------------------------------------------------------------------------
-
-
 def test_streaming_keeps_sinks_and_recent_tokens_uniformly() -> None:
     cache = _cache(20)
     k_before = cache.keys.clone()
@@ -123,17 +144,6 @@ def test_streaming_keeps_sinks_and_recent_tokens_uniformly() -> None:
     cache = _cache(20)
     StreamingLLM(0.5, sinks=2).apply(None, cache, list(range(20)))
     assert cache.positions.tolist() == [0, 1] + list(range(12, 20))
-
-
-def _snap_case(n: int = 16) -> tuple[FakeRunner, KVCache]:
-    """KV head 0's window queries look only at token 3, KV head 1's only at token 9."""
-    cache = _cache(n)
-    k = torch.zeros(1, KVH, n, D)
-    k[0, 0, 3, 0] = k[0, 1, 9, 1] = 10.0
-    cache.k[:, :, :n] = k
-    q = torch.zeros(H, n, D)
-    q[0:2, :, 0] = q[2:4, :, 1] = 10.0  # query heads 0-1 read KV head 0, 2-3 read KV head 1
-    return FakeRunner(q), cache
 
 
 def test_snapkv_per_head_votes_pooling_and_window() -> None:
@@ -162,41 +172,6 @@ def test_h2o_accumulates_attention_over_all_prompt_queries() -> None:
     cache = _cache(n, seed=1)  # by default half the budget goes to the most recent tokens
     H2O(6, window=2).apply(runner, cache, list(range(n)))
     assert cache.positions.tolist() == [0, 1, 2, 9, 10, 11]
-
-
-def test_replayed_votes_equal_the_attention_of_one_full_forward(engine) -> None:
-    """attention_votes recomputes queries against the finished cache, in blocks; the reference observes the
-    attention of the prefill itself."""
-    runner = engine.runner
-    ids = torch.tensor(engine.tokenizer("One, two, three, four, five, six, seven, eight, nine, ten.")["input_ids"])
-    n, w = len(ids), 6
-    seen = {}
-    cache = runner.new_cache()
-    runner.forward(ids, torch.arange(n), cache, hook=Watch(lambda i, q, k, m: seen.setdefault(i, (q, k, m))))
-    votes = attention_votes(runner, cache, ids.tolist(), n - w, n, block=4)
-    for i, (q, k, m) in seen.items():
-        ref = votes_per_kv_head(attention_probs(q, k, m)[:, n - w :], runner.kv_heads)
-        assert torch.allclose(votes[i], ref, atol=1e-5), i
-
-
-# --- decoding over a per-head evicted cache ----------------------------------------------------------------------
-
-
-def _masked_decode(runner, cache: KVCache, kept: torch.Tensor, token: int, pos: int) -> torch.Tensor:
-    """Reference: one decoding step over the full cache with the evicted tokens masked per layer and head.
-    kept: [L, KVH, n] bool over the full cache's slots."""
-    p = torch.tensor([pos])
-    cos, sin = runner.rope.cos_sin(p)
-    start = cache.append(p)
-    kept = torch.cat([kept, torch.ones(*kept.shape[:2], 1, dtype=torch.bool)], dim=2)  # the new token
-    h = runner.embed(torch.tensor([token]))
-    for i in range(runner.num_layers):
-        q, k, v = runner.qkv(i, h, cos, sin)
-        cache.write(i, start, k, v)
-        k_all, v_all, k_pos = cache.layer(i)
-        mask = causal_mask(p, k_pos) & kept[i][:, None, :]  # [KVH, 1, n]
-        h = runner.finish(i, h, runner.attend(q, k_all, v_all, mask))
-    return runner.logits(h)[0]
 
 
 def test_decoding_after_per_head_eviction_equals_masked_full_attention(engine) -> None:
@@ -230,23 +205,9 @@ def test_decode_evictor_holds_the_budget(engine) -> None:
         assert isinstance(ev, DecodeEvictor) and cache.length == 12
         for step in range(4):
             pos = n + step
-            runner.forward(torch.tensor([264]), torch.tensor([pos]), cache, hook=ev)
-            ev.step(cache)
+            runner.forward(torch.tensor([264]), torch.tensor([pos]), cache, hook=ev)  # evicts once done
             assert cache.length == 12 and bool((cache.pos[:, :, : cache.length] == pos).any(dim=-1).all())
         if policy.name == "streaming":
             assert cache.positions.tolist() == [0, 1] + list(range(n + 4 - 10, n + 4))
         else:
             assert ev.votes.shape == (runner.num_layers, runner.kv_heads, 12)
-
-
-def test_attention_probs_takes_an_additive_float_mask() -> None:
-    torch.manual_seed(0)
-    q, k = torch.randn(6, 4, 8), torch.randn(2, 5, 8)
-    mask = causal_mask(torch.arange(1, 5), torch.arange(5))  # [4, 5]
-    bias = torch.tensor([0.0, -1.0, 0.0, 0.5, 0.0])
-    plain = attention_probs(q, k, mask)
-    assert torch.allclose(attention_probs(q, k, biased_mask(mask, torch.zeros(5))), plain)
-    biased = attention_probs(q, k, biased_mask(mask, bias))  # weights times e^bias, then renormalized
-    expect = plain * bias.exp()
-    assert torch.allclose(biased, expect / expect.sum(-1, keepdim=True), atol=1e-6)
-    assert biased[:, 0, 4].abs().sum() == 0  # still causal

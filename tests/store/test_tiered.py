@@ -1,4 +1,4 @@
-"""TieredStore promotion, store specs, the prefetcher, and a Redis outage."""
+"""TieredStore: promotion, batched reads, prefetching, Redis outages and TTL."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.redis_server import (
     skip_without_redis,
     start_server,
 )
-from tests.test_store import CFG, assert_same, make_chunk
+from tests.store.test_tiers import CFG, assert_same, make_chunk
 
 
 def test_tiered_promotes_hits_to_faster_tiers(tmp_path: Path) -> None:
@@ -68,9 +68,6 @@ def test_tiered_needs_one_config(tmp_path: Path) -> None:
         TieredStore([])
     with pytest.raises(ValueError, match="share one StoreConfig"):
         TieredStore([RamTier(CFG, 1 << 20), RamTier(StoreConfig("other", "fp32"), 1 << 20)])
-
-
-# --- specs ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -126,9 +123,6 @@ def test_open_store(tmp_path: Path) -> None:
     assert (tmp_path / "kv" / (store.key(chunk.token_ids) + ".kv")).is_file()
 
 
-# --- prefetch ------------------------------------------------------------------------------------
-
-
 def test_prefetch_returns_what_get_returns() -> None:
     store = TieredStore([RamTier(CFG, 1 << 20)])
     chunks = [make_chunk(i) for i in range(5)]
@@ -146,9 +140,6 @@ def test_prefetch_returns_what_get_returns() -> None:
         assert pf.pending() == []
         with pytest.raises(KeyError, match="not prefetched"):
             pf.get(store.key(chunks[0].token_ids))
-
-
-# --- redis outage ---------------------------------------------------------------------------------
 
 
 @pytest.mark.redis

@@ -1,4 +1,4 @@
-"""Model registry: clear errors for unknown names, missing packages and unsupported architectures."""
+"""Model registry: packaged GGUF found, clear errors for unknown models and architectures."""
 
 from __future__ import annotations
 

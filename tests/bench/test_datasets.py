@@ -1,4 +1,4 @@
-"""Benchmark metrics on tiny exact cases, and dataset loaders against the shared data files."""
+"""Benchmark datasets: loading, needles, options and errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,17 @@ from kvstash.bench import (
 )
 from kvstash.bench.datasets import DATA_ENV, FILES, NEEDLE_ASK
 
-# ---------------------------------------------------------------- metrics
+
+@pytest.fixture(scope="module")
+def data_dir():
+    try:
+        return data_file(FILES["musique"]).parent
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def _gold_doc_count(ex: Example) -> int:
+    return sum(contains_gold(d, ex.answers) for d in ex.documents)
 
 
 def test_normalize_answer_drops_case_punctuation_articles_spaces():
@@ -79,21 +89,6 @@ def test_summarize():
     assert summarize(values)["p90"] == 9.0
     with pytest.raises(ValueError, match="empty"):
         summarize([])
-
-
-# ---------------------------------------------------------------- loaders
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return data_file(FILES["musique"]).parent
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
-def _gold_doc_count(ex: Example) -> int:
-    return sum(contains_gold(d, ex.answers) for d in ex.documents)
 
 
 @pytest.mark.parametrize("name", ["musique", "wikimqa"])

@@ -1,0 +1,90 @@
+"""The layer loop: equal to transformers, incremental and chunked passes, blocked attention, logit bias."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstash.cache.kv import KVCache
+from kvstash.model.runner import LayerHook, Rows, Runner
+from kvstash.prompt import Segment
+from kvstash.reuse.full import FullPrefill
+
+DOCS = [
+    "Marie Curie discovered polonium and radium together with Pierre Curie.",
+    "The Danube flows through Vienna, Bratislava, Budapest and Belgrade.",
+]
+
+
+def _ids(lm, text):
+    return torch.tensor(lm.tokenizer(text)["input_ids"])
+
+
+def _max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_forward_matches_transformers(engine, lm):
+    ids = _ids(lm, "The capital of France is Paris. The capital of Germany is")
+    with torch.inference_mode():
+        ref = lm.model(ids[None]).logits[0].float()
+    cache = engine.runner.new_cache(4)  # forces the cache to grow while writing
+    ours = engine.runner.forward(ids, torch.arange(len(ids)), cache, all_logits=True)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert cache.length == len(ids)
+
+
+def test_incremental_decoding_equals_one_forward(engine, lm):
+    ids = _ids(lm, "One, two, three, four, five, six, seven")
+    full = engine.runner.forward(ids, torch.arange(len(ids)), engine.runner.new_cache(), all_logits=True)
+    cache = engine.runner.new_cache(2)
+    engine.runner.forward(ids[:3], torch.arange(3), cache)
+    steps = [engine.runner.forward(ids[i : i + 1], torch.tensor([i]), cache) for i in range(3, len(ids))]
+    assert (torch.stack(steps) - full[3:]).abs().max().item() < 1e-4
+
+
+def test_chunked_prefill_equals_single_pass(engine):
+    plan = engine.plan([Segment(d) for d in DOCS] + [Segment("Who discovered radium?", "user")])
+    one = FullPrefill(prefill_chunk=10_000).prefill(engine.runner, plan)
+    chunked = FullPrefill(prefill_chunk=7).prefill(engine.runner, plan)
+    assert (one.last_logits - chunked.last_logits).abs().max().item() < 1e-4
+    assert torch.allclose(one.cache.keys, chunked.cache.keys, atol=1e-4)
+
+
+def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine):
+    """The layer loop attends in blocks that leave out keys no query of the block can see: same output."""
+    torch.manual_seed(0)
+    runner = Runner(engine.lm.model, block=16)
+    q, k, v = torch.randn(9, 40, 64), torch.randn(3, 100, 64), torch.randn(3, 100, 64)
+    q_pos = torch.sort(torch.randperm(100)[:40]).values
+    cache = KVCache(1, 3, 64, torch.float32, capacity=100)
+    cache.extend(k[None], v[None], torch.arange(100))
+    seen = []
+
+    class Record(LayerHook):
+        def attend(self, layer, q_, k_, v_, m_):
+            seen.append(k_.shape[1])
+
+    got = runner._attend_rows(0, Rows(q_pos, q_pos, cache, q_pos, hook=Record()), q)
+    want = runner.attend(q, k, v, q_pos[:, None] >= torch.arange(100)[None])  # one call, [40, 100] causal
+    assert torch.allclose(got, want, atol=1e-5)
+    assert seen == [int(q_pos[min(s + 15, 39)]) + 1 for s in range(0, 40, 16)]  # each block: up to its last query
+
+
+def test_a_huge_negative_logit_bias_is_the_same_as_evicting_the_key(engine):
+    """Runner.forward adds the cache's bias to the attention logits: -1e9 on a slot = the slot removed."""
+    ids = torch.tensor(engine.tokenizer.encode(DOCS[0]))
+    n = len(ids)
+    prompt = engine.runner.new_cache()
+    engine.runner.forward(ids, torch.arange(n), prompt)
+    drop = torch.tensor([3, 7])
+    kept = torch.tensor([i for i in range(n) if i not in drop.tolist()])
+    biased, evicted, unbiased = prompt.clone(), prompt.clone(), prompt.clone()
+    biased.add_bias(0, drop, -1e9)
+    evicted.keep(kept)
+    unbiased.add_bias(0, drop, 0.0)  # a zero bias takes the float-mask path and changes nothing
+    step = (torch.tensor([ids[0].item()]), torch.tensor([n]))
+    ref = engine.runner.forward(*step, prompt.clone())
+    assert _max_diff(engine.runner.forward(*step, biased), engine.runner.forward(*step, evicted)) < 1e-4
+    assert _max_diff(engine.runner.forward(*step, unbiased), ref) < 1e-4
+    assert _max_diff(engine.runner.forward(*step, biased), ref) > 1e-3
