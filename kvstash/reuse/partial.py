@@ -75,7 +75,8 @@ class PartialPrefill(ReuseMethod):
         for seg_idx in layout.segment[~layout.reused].unique().tolist():
             report.segments[seg_idx].recomputed = report.segments[seg_idx].tokens
         for seg_idx, n in zip(*layout.segment[chosen].unique(return_counts=True), strict=True):
-            report.segments[int(seg_idx)].recomputed = int(n)
+            row = report.segments[int(seg_idx)]  # a chunk computed standalone just now counts whole
+            row.recomputed = max(row.recomputed, int(n))
         report.gate_fired = fired
         return Prefilled(cache, logits, report)
 

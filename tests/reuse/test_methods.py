@@ -210,3 +210,18 @@ def test_stale_bias_marks_exactly_the_tokens_not_recomputed(engine, source):
     assert _max_diff(whole.last_logits, full.last_logits) < 1e-3  # nothing stale: r = 1 is still full prefill
     with pytest.raises(ValueError, match="stale_bias must be a finite"):
         BlendConfig(stale_bias=float("nan"))
+
+
+def test_a_cold_store_counts_every_chunk_computed(engine, source):
+    """Chunks missing from the store are computed standalone in the request: all their tokens count as
+    recomputed (not just the share blend recomputes again); once stored, they count as reused."""
+    plan = _plan(engine, (2, 0, 1))
+    cold = BlendReuse(BlendConfig(ratio=0.3)).prefill(engine.runner, plan, source)
+    docs = [s for s in cold.report.segments if s.kind == "document"]
+    assert cold.report.misses == 3 and all(s.tier is None for s in docs)
+    assert all((s.reused, s.recomputed) == (0, s.tokens) for s in docs)
+    warm = BlendReuse(BlendConfig(ratio=0.3)).prefill(engine.runner, plan, source)
+    docs = [s for s in warm.report.segments if s.kind == "document"]
+    assert warm.report.misses == 0 and all(s.tier == "ram" and s.reused == s.tokens for s in docs)
+    assert sum(s.recomputed for s in docs) == round(0.3 * sum(s.tokens for s in docs))
+
