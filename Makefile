@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench-quick clean
+.PHONY: setup demo test lint format bench-quick peers clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 bench-quick: setup
 	$(BIN)/kvstash bench needle --quick --out bench-out/quick
+
+# llama.cpp's llama-server from source (the serving benchmark's peer; ~10 minutes on 2 cores; not run by CI)
+peers: setup
+	bash scripts/build-llama-server.sh
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

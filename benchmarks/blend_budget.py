@@ -27,8 +27,8 @@ from kvstash.reuse.source import ChunkSource
 class TracedBlend(BlendReuse):
     """``blend`` that keeps the last request's layout (with its focus) and chosen mask."""
 
-    def run_layers(self, runner, cache, layout, observe=None):
-        out = super().run_layers(runner, cache, layout, observe)
+    def pass_steps(self, runner, cache, layout, observe=None):
+        out = yield from super().pass_steps(runner, cache, layout, observe)
         self.layout, self.chosen = layout, out[1]
         return out
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from kvstash.batch.scheduler import BatchConfig, Scheduler
 from kvstash.compress.pipeline import Compression
-from kvstash.detok import TextStream
+from kvstash.decoding import Decoding, GenerationResult
 from kvstash.model.registry import DEFAULT_MODEL, LoadedModel, load_model
 from kvstash.model.runner import Runner
 from kvstash.prompt import PromptBuilder, PromptPlan, Segment
-from kvstash.reuse import DEFAULT_STORE, ChunkSource, Prefilled, PrefillReport, ReuseMethod, make_method
+from kvstash.reuse import DEFAULT_STORE, ChunkSource, Prefilled, ReuseMethod, make_method
 from kvstash.reuse.source import IngestReport
-from kvstash.sampling import SamplingParams, sample
+from kvstash.sampling import SamplingParams
 from kvstash.store import TieredStore, TierStats
 
 
@@ -35,44 +36,6 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens or the context limit)
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int]
-    ttft_s: float  # request start -> first token chosen (planning, loading, prefill, first sample)
-    prefill_tok_s: float  # prompt tokens computed per second of compute during prefill
-    decode_s: float
-    decode_tok_s: float  # tokens per second after the first one
-    prefill: PrefillReport = field(repr=False)
-    kv_bytes: int = 0  # K/V bytes of the prompt's decode cache after eviction / quantization (--evict, --kv-bits)
-
-    def summary(self) -> dict:
-        """The flat JSON view used by the CLI and the benchmarks."""
-        r = self.prefill
-        return {
-            "answer": self.text,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_s": round(self.ttft_s, 4),
-            "prefill_tok_s": round(self.prefill_tok_s, 1),
-            "decode_tok_s": round(self.decode_tok_s, 1),
-            "reuse": r.method,
-            "reused_tokens": r.reused_tokens,
-            "recomputed_tokens": r.recomputed_tokens,
-            "computed_tokens": r.recomputed_tokens,
-            "load_s": round(r.load_s, 4),
-            "recompute_s": round(r.compute_s, 4),
-            "store_s": round(r.store_s, 4),
-            "tier_hits": dict(r.tier_hits),
-            "kv_bytes": self.kv_bytes,
-            **({"kv_head_bits": r.kv_head_bits} if r.kv_head_bits else {}),
-        }
 
 
 class Generation:
@@ -239,6 +202,34 @@ class Engine:
         assert gen.result is not None
         return gen.result
 
+    def generate_many(
+        self,
+        prompts: list[list[Segment] | PromptPlan],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        reuse=None,
+        *,
+        batch: BatchConfig | None = None,
+        **compression,
+    ) -> list[GenerationResult]:
+        """Answer many prompts together, with continuous batching (like vLLM's ``LLM.generate(list)``); results
+        in the prompts' order. ``params``: one for every prompt, or one per prompt. ``batch``: batch size, tokens
+        per step, KV budget. Greedy answers equal :meth:`generate`'s one by one. Raises the first request's
+        error, if any failed; ValueError before any compute for bad input."""
+        plans = [p if isinstance(p, PromptPlan) else self.plan(p) for p in prompts]
+        per = params if isinstance(params, list) else [params or SamplingParams()] * len(plans)
+        if len(per) != len(plans):
+            raise ValueError(f"got {len(per)} sampling params for {len(plans)} prompts; pass one, or one per prompt")
+        for plan in plans:
+            self.check_length(plan)
+        method, comp = self.method(reuse), Compression.parse(**compression)
+        scheduler = Scheduler(self, batch)
+        seqs = [scheduler.add(plan, p, method, comp) for plan, p in zip(plans, per, strict=True)]
+        scheduler.run_until_done()
+        failed = next((s.error for s in seqs if s.error is not None), None)
+        if failed is not None:
+            raise failed
+        return [s.result for s in seqs]
+
     def decode(self, pre: Prefilled, params: SamplingParams | None = None) -> GenerationResult:
         """Generate the answer after a prefill (from :meth:`prefill`). Extends ``pre.cache``; clone it first
         (``replace(pre, cache=pre.cache.clone())``) to keep the prompt's cache for something else."""
@@ -258,51 +249,23 @@ class Engine:
         pre = self._prefill(plan, method, comp)
         return (yield from self._decode(pre, params, t0))
 
-    @torch.inference_mode()
+    def decoding(self, params: SamplingParams, prompt_tokens: int) -> Decoding:
+        """A fresh decoding state for one sequence of this engine (its EOS ids and context limit)."""
+        return Decoding(self.tokenizer, self.eos_ids, params, prompt_tokens, self.lm.context_limit)
+
     def _decode(self, pre: Prefilled, params: SamplingParams, t0: float) -> Generator[str, None, GenerationResult]:
         """Sample the first token from ``pre``, then decode one token per forward until EOS, a stop string,
         ``max_tokens`` or the context limit. Yields text deltas; returns the result."""
-        cache, kv_bytes = pre.cache, pre.cache.nbytes
-        rng = params.generator()
-        text = TextStream(self.tokenizer, params.stop)
-        pos = pre.report.prompt_tokens
-        token = sample(pre.last_logits, params, rng)
+        kv_bytes = pre.cache.nbytes
+        dec = self.decoding(params, pre.report.prompt_tokens)
+        delta = dec.step(pre.last_logits)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
-        finish = "length"
         while True:
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            delta = text.push(token)
             if delta:
                 yield delta
-            if text.stopped:
-                finish = "stop"
+            if dec.finished:
                 break
-            if len(text.ids) >= params.max_tokens or pos + 1 >= self.lm.context_limit:
-                break
-            logits = self.runner.forward(torch.tensor([token]), torch.tensor([pos]), cache, hook=pre.decode_hook)
-            pos += 1
-            token = sample(logits, params, rng)
-        tail = text.flush()
-        if tail:
-            yield tail
-        return self._result(pre, text, finish, ttft, time.perf_counter() - t1, kv_bytes)
-
-    @staticmethod
-    def _result(pre: Prefilled, text: TextStream, finish: str, ttft: float, decode_s: float, kv_bytes: int):
-        n, report = len(text.ids), pre.report
-        return GenerationResult(
-            text=text.text,
-            finish_reason=finish,
-            prompt_tokens=report.prompt_tokens,
-            completion_tokens=n,
-            token_ids=list(text.ids),
-            ttft_s=ttft,
-            prefill_tok_s=report.recomputed_tokens / report.compute_s if report.compute_s > 0 else 0.0,
-            decode_s=decode_s,
-            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            prefill=report,
-            kv_bytes=kv_bytes,
-        )
+            ids, pos = torch.tensor([dec.token]), torch.tensor([dec.position])
+            delta = dec.step(self.runner.forward(ids, pos, pre.cache, hook=pre.decode_hook))
+        return dec.result(pre.report, ttft, time.perf_counter() - t1, kv_bytes)

@@ -23,7 +23,12 @@ LAYERS = {
     "splitting": {"prompt"},
     "reuse": {"cache", "model", "store", "prompt"},
     "compress": {"cache", "model"},
-    "engine": {"cache", "model", "store", "prompt", "sampling", "detok", "splitting", "reuse", "compress"},
+    "decoding": {"detok", "sampling", "reuse"},
+    "batch": {"cache", "model", "store", "prompt", "sampling", "detok", "decoding", "reuse", "compress"},
+    "engine": {
+        *("cache", "model", "store", "prompt", "sampling", "detok", "decoding", "splitting", "reuse", "compress"),
+        "batch",
+    },
 }
 
 

@@ -29,8 +29,8 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def _grow(self, needed: int) -> None:
-        cap = max(needed, 2 * self.capacity)
+    def _grow(self, cap: int) -> None:
+        """Reallocate to exactly ``cap`` slots, keeping the cached ones."""
         n = self.length
         k = torch.empty(self.layers, self.kv_heads, cap, self.head_dim, dtype=self.dtype)
         v, pos = torch.empty_like(k), torch.empty(self.layers, self.kv_heads, cap, dtype=torch.long)
@@ -38,6 +38,11 @@ class KVCache:
         self.k, self.v, self.pos = k, v, pos
         if self.bias is not None:
             self.bias = self.copy_bias(n, cap)
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` more tokens now (a scheduler sizes growth to its memory budget)."""
+        if self.length + slots > self.capacity:
+            self._grow(self.length + slots)
 
     def append(self, positions: torch.Tensor) -> int:
         """Reserve slots for ``len(positions)`` new tokens at those positions; returns the first slot.
@@ -47,7 +52,8 @@ class KVCache:
         t = positions.shape[0]
         start = self.length
         if start + t > self.capacity:
-            self._grow(start + t)
+            # a quarter more (at least 256 slots): decoding past a long prompt must not double its memory
+            self._grow(max(start + t, self.capacity + max(256, self.capacity // 4)))
         self.pos[:, :, start : start + t] = positions
         if self.bias is not None:
             self.bias[:, :, start : start + t] = 0.0
@@ -106,6 +112,17 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of the K/V of the cached tokens (what a dense cache of this length must hold)."""
         return 2 * self.keys.numel() * self.k.element_size()
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes this cache has allocated: K/V, positions and bias for its whole capacity."""
+        held = 2 * self.k.numel() * self.k.element_size() + self.pos.numel() * self.pos.element_size()
+        return held + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one more slot takes (K/V of every layer and head, positions, bias)."""
+        per = self.layers * self.kv_heads
+        return per * (2 * self.head_dim * self.k.element_size() + 8 + (0 if self.bias is None else 4))
 
     def next_position(self) -> int:
         return int(self.pos[:, :, : self.length].max()) + 1 if self.length else 0

@@ -107,6 +107,11 @@ class QuantizedKVCache(KVCache):
         return sum(s.nbytes for s in self.stores)
 
     @property
+    def reserved_nbytes(self) -> int:
+        """The dense working copy's buffers plus the packed data."""
+        return super().reserved_nbytes + self.nbytes
+
+    @property
     def working_nbytes(self) -> int:
         """Bytes of the dense working copy attention reads (see the module docstring)."""
         return super().nbytes

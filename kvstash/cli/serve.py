@@ -31,13 +31,35 @@ def register(sub) -> None:
         "--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default) | cacheblend"
     )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests answered together, one token each per batched step (default 16; 1 = one at a time)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=512,
+        metavar="T",
+        help="rows per batched step: every decoding request's token plus chunks of prompts being prefilled "
+        "(default 512); a long prompt is prefilled over several steps so it never stalls the others for long",
+    )
+    p.add_argument(
+        "--kv-budget",
+        metavar="BYTES",
+        help="KV cache all requests in the batch may hold, e.g. 6GiB (default: a quarter of the RAM); a request "
+        "is admitted when its prompt's KV fits, the newest is preempted (and recomputed later) when decoding "
+        "outgrows it, and one that could never fit gets a 400",
+    )
     p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
     p.add_argument(
         "--shutdown-timeout",
         type=int,
         default=10,
         metavar="SECONDS",
-        help="on SIGTERM, how long the running generation may take to finish (default 10)",
+        help="on SIGTERM, how long the running generations may take to finish (default 10)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -45,7 +67,7 @@ def register(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvstash.engine import Engine, EngineConfig
     from kvstash.server.app import ServerConfig, serve
-    from kvstash.store import parse_spec
+    from kvstash.store import parse_size, parse_spec
 
     config = ServerConfig(
         host=args.host,
@@ -54,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         chunk_tokens=args.chunk_tokens,
         shutdown_timeout_s=args.shutdown_timeout,
+        max_batch=args.max_batch,
+        max_batch_tokens=args.max_batch_tokens,
+        kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
     )
     parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
     logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request

@@ -10,9 +10,9 @@ sequence; attention runs per sequence over its own cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_mask, visible_keys
 from kvstash.model.rope import Rope, apply_rope
+
+T = TypeVar("T")
+# Work on the model as a generator of passes: it yields the rows of one pass (one Rows per sequence it runs),
+# is sent back the final hidden states of that pass, and returns its result. ``Runner.drive`` runs the passes
+# one at a time; a scheduler may run them together with other sequences' rows in one batched pass.
+Steps = Generator[list["Rows"], list[torch.Tensor], T]
 
 
 class Selection(NamedTuple):
@@ -140,6 +146,7 @@ class Runner:
         h = h + block.self_attn.o_proj(attn_out)
         return h + block.mlp(block.post_attention_layernorm(h))
 
+    @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()  # [T, hidden] -> [T, vocab]
 
@@ -234,15 +241,28 @@ class Runner:
         return self.logits(h) if all_logits else self.logits(h[-1:])[0]
 
     def prefill(self, cache: KVCache, ids, start_pos: int, chunk: int) -> torch.Tensor:
-        """Plain prefill of ``ids`` from ``start_pos`` onto ``cache``, ``chunk`` tokens per forward (bounds
+        """Plain prefill of ``ids`` from ``start_pos`` onto ``cache``, ``chunk`` tokens per pass (bounds
         attention memory); returns the last token's logits [vocab]. ValueError for no tokens."""
+        return self.drive(self.prefill_steps(cache, ids, start_pos, chunk))
+
+    def prefill_steps(self, cache: KVCache, ids, start_pos: int, chunk: int) -> Steps[torch.Tensor]:
+        """:meth:`prefill` as steps: yields one pass of ``chunk`` tokens at a time (see :data:`Steps`)."""
         ids_t = torch.as_tensor(ids, dtype=torch.long)
         if not len(ids_t):
             raise ValueError("nothing to prefill: the token list is empty")
         for s in range(0, len(ids_t), chunk):
             part = ids_t[s : s + chunk]
-            logits = self.forward(part, torch.arange(start_pos + s, start_pos + s + len(part)), cache)
-        return logits
+            (h,) = yield [Rows(part, torch.arange(start_pos + s, start_pos + s + len(part)), cache)]
+        return self.logits(h[-1:])[0]
+
+    def drive(self, steps: Steps[T]) -> T:
+        """Run every pass ``steps`` asks for, alone, and return what it returns."""
+        try:
+            batch = next(steps)
+            while True:
+                batch = steps.send(self.run(batch))
+        except StopIteration as done:
+            return done.value
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from kvstash.cache.kv import KVCache
-from kvstash.model.runner import LayerHook, Runner
+from kvstash.model.runner import LayerHook, Runner, Steps
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.report import PrefillReport
 from kvstash.reuse.source import ChunkSource
@@ -39,13 +39,18 @@ class ReuseMethod(ABC):
     def __init__(self, prefill_chunk: int = 512):
         self.prefill_chunk = prefill_chunk  # query tokens per forward when tokens are computed in full
 
-    @abstractmethod
-    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Prefilled:
+    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None = None) -> Prefilled:
         """Return a cache holding every prompt token and the logits after the last one.
 
         ``chunks`` is the engine's chunk source (None when the engine has none and ``needs_store`` is False).
         Raises ValueError when the method needs a store and gets none.
         """
+        return runner.drive(self.prefill_steps(runner, plan, chunks))
+
+    @abstractmethod
+    def prefill_steps(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Steps[Prefilled]:
+        """:meth:`prefill` as steps: the model passes it needs, one at a time (see
+        :data:`kvstash.model.runner.Steps`), so a scheduler can batch them with other sequences' work."""
 
     def source(self, chunks: ChunkSource | None) -> ChunkSource:
         if chunks is None:

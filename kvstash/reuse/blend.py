@@ -13,7 +13,7 @@ import torch
 
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_probs
-from kvstash.model.runner import Runner
+from kvstash.model.runner import Runner, Steps
 from kvstash.reuse.layout import Layout
 from kvstash.reuse.partial import NaiveReuse, PartialPrefill
 from kvstash.reuse.selection import deviation, gate, top_share
@@ -77,10 +77,10 @@ class BlendReuse(PartialPrefill):
         """Share of the reused tokens kept at the ``step``-th check (0 = ``check_layer``)."""
         return self.cfg.ratio
 
-    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observe=None):
+    def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-            layout.focus = question_focus(runner, cache, layout)
-        return super().run_layers(runner, cache, layout, observe)
+            layout.focus = yield from question_focus(runner, cache, layout)
+        return (yield from super().pass_steps(runner, cache, layout, observe))
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
         """Select which active reused tokens run on. Returns (keep mask over active, chosen [R], gate count)."""
@@ -120,14 +120,14 @@ class CacheBlendReuse(BlendReuse):
         super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0), prefill_chunk)
 
 
-@torch.inference_mode()
-def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tensor:
+def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> Steps[torch.Tensor]:
     """How much the question attends to each reused token, from a naive probe: a :class:`NaiveReuse` pass
     (the computed tokens over the re-positioned chunk KV) whose queries after the last reused token (the
     question and the answer's glue) have their attention summed over heads, queries and layers.
     Returns [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
+    A generator of one pass (see :data:`kvstash.model.runner.Steps`).
     """
     rows = (~layout.reused).nonzero().squeeze(1)  # the rest tokens the probe computes, in order
     asks = rows > int(layout.reused.nonzero().max())  # [A] the question's rows among them
@@ -137,5 +137,5 @@ def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> torch.Tens
         probs = attention_probs(q[:, asks], k_all, None if mask is None else mask[asks])  # [H, A, n]
         focus.add_(probs.sum(dim=(0, 1)))
 
-    NaiveReuse().run_layers(runner, cache, layout, observe)
+    yield from NaiveReuse().pass_steps(runner, cache, layout, observe)
     return focus[layout.start :].masked_fill(~layout.reused, 0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from kvstash.model.runner import Runner
+from kvstash.model.runner import Runner, Steps
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.base import Prefilled, ReuseMethod
 from kvstash.reuse.report import PrefillReport
@@ -17,10 +17,10 @@ class FullPrefill(ReuseMethod):
     name = "full"
     needs_store = False
 
-    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None = None) -> Prefilled:
+    def prefill_steps(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None = None) -> Steps[Prefilled]:
         t0 = time.perf_counter()
         cache = runner.new_cache(len(plan) + 64)
-        logits = runner.prefill(cache, plan.token_ids, 0, self.prefill_chunk)
+        logits = yield from runner.prefill_steps(cache, plan.token_ids, 0, self.prefill_chunk)
         report = PrefillReport.for_plan(self.name, plan)
         report.compute_s = time.perf_counter() - t0
         for seg in report.segments:

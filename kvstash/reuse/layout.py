@@ -10,7 +10,7 @@ import torch
 
 from kvstash.cache.kv import KVCache
 from kvstash.model.rope import reposition
-from kvstash.model.runner import Runner
+from kvstash.model.runner import Runner, Steps
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.report import PrefillReport
 from kvstash.reuse.source import ChunkSource
@@ -41,12 +41,12 @@ def lay_out(
     chunks: ChunkSource,
     n_prefix: int,
     report: PrefillReport,
-) -> Layout:
+) -> Steps[Layout]:
     """Append the rest of the prompt to ``cache``: reusable segments get their standalone chunk KV with keys
     re-positioned; other segments get slots to be computed. Fills per-segment tiers and reuse in ``report``."""
     rest = list(enumerate(plan.segments))[n_prefix:]
     reusable = [(i, s) for i, s in rest if s.reusable]
-    found = chunks.standalone([s for _, s in reusable], report)
+    found = yield from chunks.standalone([s for _, s in reusable], report)
     lookups = dict(zip((i for i, _ in reusable), found, strict=True))
     start = cache.length
     t = time.perf_counter()

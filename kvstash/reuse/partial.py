@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from kvstash.cache.kv import KVCache
-from kvstash.model.runner import LayerHook, Rows, Runner, Selection
+from kvstash.model.runner import LayerHook, Rows, Runner, Selection, Steps
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.base import Prefilled, ReuseMethod
 from kvstash.reuse.layout import Layout, lay_out
@@ -63,14 +63,14 @@ class PartialPrefill(ReuseMethod):
 
     first_check = 0  # layers before it write every active token's K/V (blend: its check layer)
 
-    def prefill(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Prefilled:
+    def prefill_steps(self, runner: Runner, plan: PromptPlan, chunks: ChunkSource | None) -> Steps[Prefilled]:
         chunks = self.source(chunks)
         report = PrefillReport.for_plan(self.name, plan)
         cache = runner.new_cache(len(plan) + 64)
-        n_exact = exact_head(runner, plan, cache, chunks, report, self.prefill_chunk)
-        layout = lay_out(runner, plan, cache, chunks, n_exact, report)
+        n_exact = yield from exact_head(runner, plan, cache, chunks, report, self.prefill_chunk)
+        layout = yield from lay_out(runner, plan, cache, chunks, n_exact, report)
         t = time.perf_counter()
-        logits, chosen, fired = self.run_layers(runner, cache, layout)
+        logits, chosen, fired = yield from self.pass_steps(runner, cache, layout)
         report.compute_s += time.perf_counter() - t
         for seg_idx in layout.segment[~layout.reused].unique().tolist():
             report.segments[seg_idx].recomputed = report.segments[seg_idx].tokens
@@ -84,12 +84,11 @@ class PartialPrefill(ReuseMethod):
         """[R] bool: the rest tokens computed from layer 0."""
         return torch.ones_like(layout.reused)
 
-    @torch.inference_mode()
-    def run_layers(self, runner: Runner, cache: KVCache, layout: Layout, observe: Observe | None = None):
-        """One partial pass. Returns (last-token logits [V], chosen [R] bool over the rest tokens, gate count).
-        ``observe``, if given, sees each layer's queries of the active tokens, every key and the mask."""
+    def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe: Observe | None = None) -> Steps:
+        """One partial pass, as steps. Returns (last-token logits [V], chosen [R] bool over the rest tokens, gate
+        count). ``observe``, if given, sees each layer's queries of the active tokens, every key and the mask."""
         hook = PartialPass(self, cache, layout, observe)
-        (h,) = runner.run([hook.rows()])
+        (h,) = yield [hook.rows()]
         assert int(hook.active[-1]) == len(layout.ids) - 1, "the prompt's last token must be computed"
         return runner.logits(h[-1:])[0], hook.chosen, hook.fired
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstash.cache.kv import KVCache
-from kvstash.model.runner import Runner
+from kvstash.model.runner import Runner, Steps
 from kvstash.prompt import PlannedSegment, PromptPlan
 from kvstash.reuse.report import PrefillReport
 from kvstash.store import ChunkKV, Hit, Prefetcher, StoreConfig, TieredStore, open_store
@@ -106,7 +106,7 @@ class ChunkSource:
         report: PrefillReport,
         head: KVCache | None = None,
         head_ids: tuple[int, ...] = (),
-    ) -> list[Hit]:
+    ) -> Steps[list[Hit]]:
         """Standalone chunk KV for each segment: from the store (loaded in background threads while
         misses are computed) or computed now and stored; a computed chunk comes back with ``tier=None``.
 
@@ -131,7 +131,7 @@ class ChunkSource:
                     continue
                 report.misses += 1
                 t = time.perf_counter()
-                chunk = self.compute(seg.token_ids, head)
+                chunk = yield from self.compute_steps(seg.token_ids, head)
                 report.compute_s += time.perf_counter() - t
                 t = time.perf_counter()
                 self.store.put(key, chunk)
@@ -139,14 +139,17 @@ class ChunkSource:
                 out.append(seen.setdefault(key, Hit(chunk, None, b"")))
         return out
 
-    @torch.inference_mode()
     def compute(self, token_ids, head: KVCache | None = None) -> ChunkKV:
         """The standalone KV of ``token_ids``: from position 0, or right after the cached ``head``."""
+        return self.runner.drive(self.compute_steps(token_ids, head))
+
+    def compute_steps(self, token_ids, head: KVCache | None = None) -> Steps[ChunkKV]:
+        """:meth:`compute` as steps (see :data:`kvstash.model.runner.Steps`)."""
         n0 = head.length if head is not None else 0
         cache = self.runner.new_cache(n0 + len(token_ids))
         if head is not None:
             cache.extend(head.keys, head.values, head.positions)
-        self.runner.prefill(cache, token_ids, n0, self.prefill_chunk)
+        yield from self.runner.prefill_steps(cache, token_ids, n0, self.prefill_chunk)
         sl = slice(n0, cache.length)
         return ChunkKV(
             list(token_ids), cache.keys[:, :, sl].clone(), cache.values[:, :, sl].clone(), cache.positions[sl].clone()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over one engine, run by one model worker.
+"""The OpenAI-compatible HTTP server: FastAPI routes over one engine, whose model worker batches requests.
 
 Routes: ``POST /v1/chat/completions`` (streamed or not; extension field ``documents``), ``GET /v1/models``,
 ``POST /v1/documents``, ``GET``/``DELETE /v1/documents/{id}``, ``GET /health``, ``GET /metrics``.
@@ -23,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from kvstash.batch.scheduler import BatchConfig, Scheduler
+from kvstash.compress.pipeline import Compression
 from kvstash.engine import Engine
 from kvstash.reuse import ReuseMethod, make_method
 from kvstash.server import chat
@@ -56,6 +58,9 @@ class ServerConfig:
     port: int = 8000
     reuse: str = "blend"  # reuse method for chat requests: full | prefix | naive | blend | blend:RATIO
     max_queue: int = 64  # requests waiting for the model before new ones get 503
+    max_batch: int = 16  # sequences decoding together (1: one at a time)
+    max_batch_tokens: int = 512  # rows per batched step: decode tokens plus prompt chunks
+    kv_budget: int | None = None  # bytes of KV all requests in the batch may hold (None: a quarter of the RAM)
     chunk_tokens: int = 256  # about how many tokens one document chunk holds
     shutdown_timeout_s: int = 10  # on SIGTERM, how long the running generation may take to finish
 
@@ -69,6 +74,11 @@ class ServerConfig:
         if self.chunk_tokens < 16:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         make_method(self.reuse)  # ValueError naming the known methods, before the model loads
+        self.batch  # noqa: B018 - ValueError for a bad batch size, token budget or KV budget
+
+    @property
+    def batch(self) -> BatchConfig:
+        return BatchConfig(self.max_batch, self.max_batch_tokens, self.kv_budget)
 
 
 @dataclass
@@ -122,7 +132,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     method = engine.method(config.reuse)
     registry = open_registry(engine.config.store)
     engine.chunks  # noqa: B018 - open the store here, not lazily on the worker and the metrics thread at once
-    st = ServerState(engine, config, method, registry, Worker(config.max_queue))
+    metrics = Metrics()
+    worker = Worker(Scheduler(engine, config.batch), config.max_queue, metrics.step, metrics.sequence_done)
+    st = ServerState(engine, config, method, registry, worker, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -151,8 +163,9 @@ class ClientGone(Exception):
 
 
 def _submit(st: ServerState, fn) -> Job:
+    """``fn()`` queued on the model worker (``worker.submit`` or ``worker.generate``); 503 when it cannot be."""
     try:
-        return st.worker.submit(fn)
+        return fn()
     except QueueFull as e:
         raise ApiError(503, f"{e}; retry later", code="overloaded") from None
     except ShuttingDown as e:
@@ -177,26 +190,19 @@ async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
 # --- chat -------------------------------------------------------------------------------------------
 
 
-def _generation(st: ServerState, segments, params):
-    """A worker job that streams one generation as delta events; returns the result (None if cancelled).
-    The prompt is planned (tokenized) once, here, and the engine streams from that plan."""
+def _generation(st: ServerState, segments, params) -> Job:
+    """Queue one generation on the model worker; its deltas and result come back as the job's events. The
+    prompt is planned (tokenized) once, on the worker, and the scheduler runs it in the batch."""
 
-    def run(job: Job):
+    def plan():
         plan = st.engine.plan(segments)
         try:
             st.engine.check_length(plan)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        gen = st.engine.stream(plan, params, reuse=st.method)
-        for delta in gen:
-            if job.cancelled:
-                gen.close()
-                st.metrics.generation_ended("cancelled")
-                return None
-            job.emit("delta", delta)
-        return gen.result
+        return plan
 
-    return run
+    return _submit(st, lambda: st.worker.generate(plan, params, st.method, Compression()))
 
 
 async def _documents(st: ServerState, ids: list[str]) -> list[Document]:
@@ -224,7 +230,7 @@ def _add_chat_routes(app: FastAPI, st: ServerState) -> None:
         segments = chat.build_segments(body.messages, docs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         log_fields(request, request_id=rid, documents=len(docs), stream=bool(body.stream))
-        job = _submit(st, _generation(st, segments, params))
+        job = _generation(st, segments, params)
         try:
             first = await _next_event(job, request)
             if body.stream:
@@ -246,7 +252,7 @@ def _add_chat_routes(app: FastAPI, st: ServerState) -> None:
 
 def _finished(st: ServerState, request: Request, job: Job, result, t0: float) -> None:
     """Metrics and log fields of a completed generation."""
-    ttft = (job.started_at or t0) - t0 + result.ttft_s
+    ttft = (job.first_token_at or time.perf_counter()) - t0
     st.metrics.generation(result, ttft)
     log_fields(
         request,
@@ -303,7 +309,7 @@ def _add_document_routes(app: FastAPI, st: ServerState) -> None:
         if not body.text.strip():
             raise ApiError(400, "text is empty; send the document's text", param="text")
         text, size = body.text, st.config.chunk_tokens
-        job = _submit(st, lambda job: compute_document(st.engine, text, size))
+        job = _submit(st, lambda: st.worker.submit(lambda job: compute_document(st.engine, text, size)))
         try:
             kind, value = await _next_event(job, request)
         except ClientGone:

@@ -6,11 +6,16 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from kvstash.batch.scheduler import Scheduler, StepStats
+from kvstash.batch.sequence import Sequence as BatchSequence
 from kvstash.engine import GenerationResult
 from kvstash.store import TierStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+TPOT_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # seconds per output token after the first
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sequences decoding in one step
 
 
 class Histogram:
@@ -46,6 +51,11 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tokens: Counter[str] = Counter()  # prompt, completion, reused, recomputed
         self.generations: Counter[str] = Counter()  # finish reason (stop, length, cancelled, error) -> count
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.queue = Histogram(QUEUE_BUCKETS)
+        self.preemptions = 0
+        self.steps = 0
 
     def request(self, method: str, route: str, status: int) -> None:
         with self._lock:
@@ -60,10 +70,23 @@ class Metrics:
             self.tokens["recomputed"] += result.prefill.recomputed_tokens
             self.generations[result.finish_reason] += 1
 
-    def generation_ended(self, reason: str) -> None:
-        """A generation that ended without a result (``cancelled``, ``error``)."""
+    def step(self, stats: StepStats, scheduler: Scheduler) -> None:
+        """One batched step of the scheduler (called on the model worker's thread)."""
         with self._lock:
-            self.generations[reason] += 1
+            self.steps += 1
+            self.preemptions += stats.preempted
+            if stats.decoding:
+                self.batch_size.observe(stats.decoding)
+
+    def sequence_done(self, seq: BatchSequence) -> None:
+        """A sequence left the scheduler: its queue time and time per output token, or how it ended badly."""
+        with self._lock:
+            if seq.admitted is not None:
+                self.queue.observe(seq.admitted - seq.arrived)
+            if seq.result is None:
+                self.generations["error" if seq.error is not None else "cancelled"] += 1
+            elif seq.result.completion_tokens > 1:
+                self.tpot.observe(seq.result.decode_s / (seq.result.completion_tokens - 1))
 
     def render(self, tiers: Sequence[TierStats], queued: int, running: int) -> str:
         with self._lock:
@@ -83,6 +106,7 @@ class Metrics:
             lines += _family("kvstash_generations_total", "counter", "Generations by how they ended.")
             for reason, n in sorted(self.generations.items()):
                 lines.append(f'kvstash_generations_total{{reason="{reason}"}} {n}')
+            lines += self._batch_lines()
         names = [t.name for t in tiers]
         labels = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # two disk tiers
         for field, kind, help_ in (
@@ -94,11 +118,24 @@ class Metrics:
             name = f"kvstash_cache_{field}_total" if kind == "counter" else f"kvstash_cache_{field}"
             lines += _family(name, kind, help_)
             lines += [f'{name}{{tier="{label}"}} {getattr(t, field)}' for label, t in zip(labels, tiers, strict=True)]
-        lines += _family("kvstash_queue_depth", "gauge", "Requests waiting for the model.")
+        lines += _family("kvstash_queue_depth", "gauge", "Requests waiting for a place in the batch.")
         lines.append(f"kvstash_queue_depth {queued}")
-        lines += _family("kvstash_running", "gauge", "Jobs running on the model (0 or 1).")
+        lines += _family("kvstash_running", "gauge", "Requests in the batch (prefilling or decoding).")
         lines.append(f"kvstash_running {running}")
         return "\n".join(lines) + "\n"
+
+    def _batch_lines(self) -> list[str]:
+        lines = _family("kvstash_batch_size", "histogram", "Sequences decoding together, per batched step.")
+        lines += self.batch_size.lines("kvstash_batch_size")
+        lines += _family("kvstash_time_per_output_token_seconds", "histogram", "Decode time per token, per request.")
+        lines += self.tpot.lines("kvstash_time_per_output_token_seconds")
+        lines += _family("kvstash_queue_seconds", "histogram", "Arrival to admission into the batch, per request.")
+        lines += self.queue.lines("kvstash_queue_seconds")
+        lines += _family("kvstash_preemptions_total", "counter", "Requests preempted to stay in the KV budget.")
+        lines.append(f"kvstash_preemptions_total {self.preemptions}")
+        lines += _family("kvstash_steps_total", "counter", "Batched steps run.")
+        lines.append(f"kvstash_steps_total {self.steps}")
+        return lines
 
 
 def _family(name: str, kind: str, help_: str) -> list[str]:

@@ -88,3 +88,52 @@ def test_a_huge_negative_logit_bias_is_the_same_as_evicting_the_key(engine):
     assert _max_diff(engine.runner.forward(*step, biased), engine.runner.forward(*step, evicted)) < 1e-4
     assert _max_diff(engine.runner.forward(*step, unbiased), ref) < 1e-4
     assert _max_diff(engine.runner.forward(*step, biased), ref) > 1e-3
+
+
+def _batch_cases(engine):
+    """Five sequences of different kinds, each as (cache, next ids, their positions): decode tokens over a
+    plain, a blended, a quantized and a per-head evicted cache, and a prefill chunk of a fresh prompt."""
+    from kvstash.cache.quantized import quantize_cache
+    from kvstash.compress.evict import SnapKV
+    from kvstash.reuse.blend import BlendConfig, BlendReuse
+    from kvstash.reuse.source import ChunkSource
+
+    r = engine.runner
+    plan = engine.plan([Segment(DOCS[0]), Segment(DOCS[1]), Segment("Who discovered radium?", "user")])
+    plain = FullPrefill().prefill(r, plan).cache
+    source = ChunkSource.open(r, engine.lm.fingerprint, "ram:64MiB", "fp32")
+    BlendReuse(BlendConfig(ratio=0.2)).prefill(
+        r, engine.plan([Segment(DOCS[1]), Segment(DOCS[0]), Segment("Hi?", "user")]), source
+    )
+    blended = BlendReuse(BlendConfig(ratio=0.2)).prefill(r, plan, source).cache
+    assert blended.bias is not None  # the stale bias rides along
+    quantized = quantize_cache(FullPrefill().prefill(r, plan).cache, 4)
+    evicted = FullPrefill().prefill(r, plan).cache
+    SnapKV(0.5, window=4).apply(r, evicted, plan.token_ids)
+    assert not evicted.uniform  # per-head positions: the 3-D mask path
+    n = len(plan)
+    cases = [
+        (c, torch.tensor([tok]), torch.tensor([n]))
+        for c, tok in ((plain, 504), (blended, 198), (quantized, 42), (evicted, 7))
+    ]
+    fresh = _ids(engine.lm, DOCS[1] + " " + DOCS[0])
+    cases.append((r.new_cache(8), fresh, torch.arange(len(fresh))))
+    return cases
+
+
+def test_a_batched_pass_equals_each_sequence_run_alone(engine):
+    """One pass over decode tokens of plain, blended, quantized and evicted caches and a prefill chunk: every
+    sequence's logits equal running it alone (fp32, 1e-4), and every cache ends the same."""
+    r = engine.runner
+    alone_cases = _batch_cases(engine)
+    batch_cases = [(c.clone(), ids, pos) for c, ids, pos in alone_cases]
+    alone = [r.logits(r.run([Rows(ids, pos, c)])[0]) for c, ids, pos in alone_cases]
+    hs = r.run([Rows(ids, pos, c) for c, ids, pos in batch_cases])
+    together = [r.logits(h) for h in hs]
+    # the quantized cache (third) stores the new token's K/V in fp16: a 1e-7 change in a matmul can round an element
+    # to the neighbouring fp16 value (2**-10 apart, relatively), so it is held to fp16's precision
+    logit_tol, key_rtol = [1e-4, 1e-4, 1e-3, 1e-4, 1e-4], [0, 0, 2**-10, 0, 0]
+    for i, ((a_cache, *_), (b_cache, *_)) in enumerate(zip(alone_cases, batch_cases, strict=True)):
+        assert alone[i].shape == together[i].shape and _max_diff(alone[i], together[i]) < logit_tol[i]
+        assert a_cache.length == b_cache.length
+        assert torch.allclose(a_cache.keys, b_cache.keys, rtol=key_rtol[i], atol=1e-4)

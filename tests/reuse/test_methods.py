@@ -65,9 +65,9 @@ def test_a_document_repeated_in_one_prompt_is_looked_up_once(engine, source):
     docs = [i for i, seg in enumerate(plan.segments) if seg.kind == "document"]
     segs = [plan.segments[i] for i in docs]
     cold, warm = PrefillReport.for_plan("blend", plan), PrefillReport.for_plan("blend", plan)
-    first = source.standalone(segs, cold)
+    first = engine.runner.drive(source.standalone(segs, cold))
     assert cold.misses == 2 and first[0] is first[2]  # computed once, shared
-    second = source.standalone(segs, warm)
+    second = engine.runner.drive(source.standalone(segs, warm))
     assert warm.misses == 0 and warm.tier_hits == {"ram": 2} and second[0] is second[2]
     again = BlendReuse(BlendConfig(ratio=1.0)).prefill(engine.runner, plan, source)
     for i in docs:
@@ -224,4 +224,3 @@ def test_a_cold_store_counts_every_chunk_computed(engine, source):
     docs = [s for s in warm.report.segments if s.kind == "document"]
     assert warm.report.misses == 0 and all(s.tier == "ram" and s.reused == s.tokens for s in docs)
     assert sum(s.recomputed for s in docs) == round(0.3 * sum(s.tokens for s in docs))
-

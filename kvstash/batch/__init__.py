@@ -1,0 +1,1 @@
+"""Continuous batching: the scheduler, its sequences, and the KV memory budget."""

@@ -1,0 +1,285 @@
+"""Continuous batching: many sequences share each pass through the model.
+
+The shape of nano-vllm's and vLLM v1's schedulers: a waiting queue and a running list, and one :meth:`step`
+that runs one pass of the runner's layer loop over
+
+- the next token of every decoding sequence (one row each), and
+- the next prefill pass of prefilling sequences, first come first served, while the step's rows stay within
+  ``max_batch_tokens`` (a plain prefill comes in chunks of ``prefill_chunk`` tokens, so a long prompt never
+  stalls the others' decoding for long; a blend pass runs whole, one per step at most when over budget).
+
+A prompt's KV is built by its own reuse method (``full``, ``prefix``, ``naive``, ``blend``), whose passes are
+steps (:data:`kvstash.model.runner.Steps`) run inside the batch; then the sequence decodes with the others.
+
+Memory: a sequence is admitted only while the KV bytes of all running sequences, plus its prompt's, stay
+within ``kv_budget``; when decoding sequences outgrow it, the newest is preempted (its KV dropped, recomputed
+when it is admitted again: its prompt through the reuse method, its generated tokens in one plain pass). A
+request whose prompt and answer could never fit is refused when it is added, before any compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
+
+import torch
+
+from kvstash.batch.budget import default_kv_budget
+from kvstash.batch.sequence import Sequence, State
+from kvstash.compress.pipeline import Compression
+from kvstash.decoding import Decoding
+from kvstash.model.runner import Rows, Runner, Steps
+from kvstash.prompt import PromptPlan
+from kvstash.reuse.base import Prefilled, ReuseMethod
+from kvstash.reuse.source import ChunkSource
+from kvstash.sampling import SamplingParams
+
+
+class EngineParts(Protocol):
+    """What the scheduler uses of an engine (:class:`kvstash.Engine` has all of it)."""
+
+    runner: Runner
+
+    @property
+    def chunks(self) -> ChunkSource: ...
+
+    def decoding(self, params: SamplingParams, prompt_tokens: int) -> Decoding: ...
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch: int = 16  # sequences admitted at once (prefilling or decoding)
+    max_batch_tokens: int = 512  # rows per step; a single prefill pass larger than this still runs (alone)
+    kv_budget: int | None = None  # bytes of KV all running sequences may hold; None: a quarter of the RAM
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.kv_budget is not None and self.kv_budget <= 0:
+            raise ValueError(f"kv_budget must be a positive number of bytes, got {self.kv_budget}")
+
+
+class StepStats(NamedTuple):
+    decoding: int  # sequences that decoded a token in this step
+    prefill_tokens: int  # prompt rows computed in this step
+    seconds: float  # the step's wall time
+    preempted: int  # sequences preempted before it
+
+
+class Scheduler:
+    """Runs sequences to completion in batches; single-threaded (the server calls it from one thread)."""
+
+    def __init__(self, engine: EngineParts, config: BatchConfig | None = None):
+        self.engine = engine
+        self.runner = engine.runner
+        self.config = config or BatchConfig()
+        self.kv_budget = self.config.kv_budget or default_kv_budget()
+        self.slot_bytes = self.runner.new_cache(1).bytes_per_slot()  # dense KV of one token, every layer
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: prefilling and decoding
+        self.preemptions = 0
+
+    # --- requests ----------------------------------------------------------------------------------------
+    def add(
+        self,
+        plan: PromptPlan,
+        params: SamplingParams,
+        method: ReuseMethod,
+        compression: Compression | None = None,
+        *,
+        on_delta: Callable[[Sequence, str], None] | None = None,
+        on_done: Callable[[Sequence], None] | None = None,
+        tag=None,
+    ) -> Sequence:
+        """Queue a prompt (planned, length-checked). ValueError, before any compute, if its prompt and answer
+        could never fit in the KV budget even alone."""
+        need = (len(plan) + params.max_tokens + 1) * self.slot_bytes
+        if need > self.kv_budget:
+            raise ValueError(
+                f"this request needs about {need / 2**20:.0f} MiB of KV cache ({len(plan)} prompt tokens + "
+                f"max_tokens {params.max_tokens}), more than the whole KV budget of {self.kv_budget / 2**20:.0f} "
+                "MiB; lower max_tokens, shorten the prompt, or raise --kv-budget"
+            )
+        seq = Sequence(plan, params, method, compression or Compression(), on_delta, on_done, tag)
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` at the next step boundary (its ``on_done`` runs then). Safe from the scheduler's thread."""
+        seq.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def kv_bytes(self) -> int:
+        """KV bytes the running sequences hold now (prefilling ones: what their prompt will take)."""
+        return sum(self._held(s) for s in self.running)
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def step(self) -> StepStats:
+        """Admit what fits, run one batched pass, hand each sequence its part. Returns what the step did."""
+        t0 = time.perf_counter()
+        self._reap()
+        preempted = self._make_room()
+        self._admit()
+        batch, decoding, prefilling = self._plan()
+        hs = self.runner.run(batch) if batch else []
+        self._advance_decoding(decoding, hs[: len(decoding)])
+        self._advance_prefill(prefilling, hs[len(decoding) :])
+        prefill_tokens = sum(len(r.positions) for r in batch[len(decoding) :])
+        return StepStats(len(decoding), prefill_tokens, time.perf_counter() - t0, preempted)
+
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()
+
+    def _plan(self) -> tuple[list[Rows], list[Sequence], list[tuple[Sequence, int]]]:
+        """The rows of this step: every decoding sequence's token, then prefill passes in admission order."""
+        decoding = [s for s in self.running if s.state is State.DECODE]
+        batch = [s.decode_rows() for s in decoding]
+        tokens, prefilling = len(batch), []
+        for seq in self.running:
+            if seq.state is not State.PREFILL:
+                continue
+            n = seq.pending_tokens()
+            if prefilling and tokens + n > self.config.max_batch_tokens:
+                break  # first come, first served: later prompts wait for the earlier ones
+            batch += seq.pending
+            prefilling.append((seq, len(seq.pending)))
+            tokens += n
+        return batch, decoding, prefilling
+
+    def _advance_decoding(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
+        if not seqs:
+            return
+        logits = self.runner.logits(torch.cat([h[-1:] for h in hs]))  # one LM head for the whole batch
+        for seq, row in zip(seqs, logits, strict=True):
+            self._emit(seq, seq.dec.step(row))
+
+    def _advance_prefill(self, seqs: list[tuple[Sequence, int]], hs: list[torch.Tensor]) -> None:
+        at = 0
+        for seq, n in seqs:
+            try:
+                seq.pending = seq.steps.send(hs[at : at + n])
+            except StopIteration as done:
+                self._prefilled(seq, done.value)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                self._finish(seq, error=e)
+            at += n
+
+    # --- admission, memory, preemption ---------------------------------------------------------------------
+    def _held(self, seq: Sequence) -> int:
+        if seq.pre is not None:
+            return seq.pre.cache.reserved_nbytes
+        return (seq.prompt_tokens + 64) * self.slot_bytes  # what its prefill will allocate
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            if self.running and self.kv_bytes() + self._held_after_admit(seq) > self.kv_budget:
+                break
+            self.waiting.popleft()
+            self._start(seq)
+
+    def _held_after_admit(self, seq: Sequence) -> int:
+        fed = 0 if seq.dec is None else len(seq.dec.token_ids)
+        return (seq.prompt_tokens + fed + 64) * self.slot_bytes
+
+    def _start(self, seq: Sequence) -> None:
+        seq.admitted = seq.admitted or time.perf_counter()
+        seq.state, seq.pre = State.PREFILL, None
+        seq.steps = self._prefill_steps(seq)
+        self.running.append(seq)
+        try:
+            seq.pending = next(seq.steps)
+        except StopIteration as done:
+            self._prefilled(seq, done.value)
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            self._finish(seq, error=e)
+
+    def _prefill_steps(self, seq: Sequence) -> Steps[Prefilled]:
+        """The prompt's KV by its reuse method, compressed; after a preemption also the tokens it had fed."""
+        chunks = self.engine.chunks if seq.method.needs_store else None
+        pre = yield from seq.method.prefill_steps(self.runner, seq.plan, chunks)
+        cache, hook, head_bits = seq.compression.apply(self.runner, pre.cache, seq.plan.token_ids)
+        pre.report.kv_head_bits = head_bits
+        pre = replace(pre, cache=cache, decode_hook=hook)
+        seq.kv_bytes = cache.nbytes
+        fed = seq.dec.token_ids[:-1] if seq.dec is not None else []
+        if fed:  # resuming after a preemption: its answer so far, in one plain pass
+            chunk = seq.method.prefill_chunk
+            yield from self.runner.prefill_steps(pre.cache, fed, seq.prompt_tokens, chunk)
+        return pre
+
+    def _make_room(self) -> int:
+        """Before a step: caches about to fill get their next slots now (a quarter more, at most what the
+        answer can still use); while that would exceed the budget, the newest decoding sequence is preempted."""
+        n = 0
+        while True:
+            decoding = [s for s in self.running if s.state is State.DECODE]
+            growth = {s.id: self._growth(s) for s in decoding}
+            if len(decoding) <= 1 or self.kv_bytes() + sum(growth.values()) * self.slot_bytes <= self.kv_budget:
+                break
+            self._preempt(decoding[-1])
+            n += 1
+        for seq in decoding:
+            if growth[seq.id]:
+                seq.pre.cache.reserve(growth[seq.id])
+        return n
+
+    def _growth(self, seq: Sequence) -> int:
+        """Slots ``seq``'s cache must gain before its next token: none while it has room."""
+        cache = seq.pre.cache
+        if cache.length < cache.capacity:
+            return 0
+        left = seq.params.max_tokens - len(seq.dec.token_ids) + 1
+        return min(max(256, cache.capacity // 4), max(1, left))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.state, seq.pre, seq.steps, seq.pending = State.WAITING, None, None, None
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # --- results ---------------------------------------------------------------------------------------------
+    def _prefilled(self, seq: Sequence, pre: Prefilled) -> None:
+        seq.pre, seq.steps, seq.pending = pre, None, None
+        seq.state = State.DECODE
+        if seq.dec is None:  # first time: the first token comes from the prompt's last logits
+            seq.dec = self.engine.decoding(seq.params, seq.prompt_tokens)
+            delta = seq.dec.step(pre.last_logits)
+            seq.first_token_at = time.perf_counter()
+            self._emit(seq, delta)
+
+    def _emit(self, seq: Sequence, delta: str) -> None:
+        if delta and seq.on_delta is not None and not seq.cancelled:
+            seq.on_delta(seq, delta)
+        if seq.dec.finished:
+            self._finish(seq)
+
+    def _reap(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq)
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence, error: BaseException | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.steps is not None:
+            seq.steps.close()
+        seq.state, seq.error, seq.finished_at = State.DONE, error, time.perf_counter()
+        if error is None and not seq.cancelled and seq.dec is not None and seq.dec.finished:
+            decode_s = seq.finished_at - (seq.first_token_at or seq.finished_at)
+            seq.result = seq.dec.result(seq.pre.report, seq.ttft_s, decode_s, seq.kv_bytes)
+        seq.pre, seq.steps, seq.pending = None, None, None  # the KV goes now
+        if seq.on_done is not None:
+            seq.on_done(seq)
