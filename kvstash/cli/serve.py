@@ -82,5 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
     logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request
-    engine = Engine(EngineConfig(model=args.model, threads=args.threads, store=args.store, codec=args.codec))
+    engine = Engine(
+        EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, store=args.store, codec=args.codec)
+    )
     return serve(engine, config)

@@ -79,11 +79,12 @@ class Rows:
     slots: torch.Tensor | None = None  # [T] cache slots to write; None: appended to the cache by the pass
     hook: LayerHook | None = None
     write: bool = True  # False: the rows' K/V are already cached (query replay)
-    _mask: tuple | None = field(default=None, repr=False)  # (mask, valid) reused across layers when it can be
+    _mask: tuple | None = field(default=None, repr=False)  # (mask,) reused across layers while it can be
+    _run: int | None = field(default=None, repr=False)  # first slot when the slots are one run, else None
 
     def narrow(self, keep: torch.Tensor) -> None:
         self.ids, self.positions, self.slots = self.ids[keep], self.positions[keep], self.slots[keep]
-        self._mask = None
+        self._mask, self._run = None, _first_of_run(self.slots)
 
     def mask(self, layer: int) -> torch.Tensor | None:
         """:func:`attention_mask` of these rows over the cache's layer; one mask serves every layer while the
@@ -160,7 +161,9 @@ class Runner:
         for rows in batch:
             if rows.slots is None:
                 start = rows.cache.append(rows.positions)
-                rows.slots = torch.arange(start, start + len(rows.positions))
+                rows.slots, rows._run = torch.arange(start, start + len(rows.positions)), start
+            else:
+                rows._run = _first_of_run(rows.slots)
         hs = [self.embed(rows.ids) for rows in batch]
         rope = [self.rope.cos_sin(rows.positions) for rows in batch]
         for layer in range(self.num_layers):
@@ -192,8 +195,8 @@ class Runner:
         if rows.write:
             slots = rows.slots if write is None else rows.slots[write]
             kw, vw = (k, v) if write is None else (k[:, write], v[:, write])
-            if write is None and _contiguous(slots):
-                rows.cache.write(layer, int(slots[0]), kw, vw)
+            if write is None and rows._run is not None:
+                rows.cache.write(layer, rows._run, kw, vw)
             else:
                 rows.cache.write_slots(layer, slots, kw, vw)
         return q, k, v, h, rope
@@ -269,6 +272,9 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _contiguous(slots: torch.Tensor) -> bool:
+def _first_of_run(slots: torch.Tensor) -> int | None:
+    """The first slot if ``slots`` are consecutive ascending slots (one write of a block), else None."""
     n = len(slots)
-    return n > 0 and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots.diff() == 1).all())
+    if n and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots.diff() == 1).all()):
+        return int(slots[0])
+    return None

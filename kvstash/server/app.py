@@ -141,7 +141,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         st.loop = asyncio.get_running_loop()
         st.worker.start()
         started = {"event": "started", "model": st.model, "store": engine.config.store, "reuse": method.name}
-        started |= {"registry": registry.kind, "url": f"http://{config.host}:{config.port}/v1"}
+        started |= {"registry": registry.kind, "dtype": engine.config.dtype, "max_batch": config.max_batch}
+        started |= {"kv_budget": st.worker.scheduler.kv_budget, "url": f"http://{config.host}:{config.port}/v1"}
         log.info(json.dumps(started))
         try:
             yield
@@ -337,7 +338,13 @@ def _add_document_routes(app: FastAPI, st: ServerState) -> None:
 def _add_ops_routes(app: FastAPI, st: ServerState) -> None:
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": st.model, "queued": st.worker.queued, "running": st.worker.running}
+        return {
+            "status": "ok",
+            "model": st.model,
+            "dtype": st.engine.config.dtype,
+            "queued": st.worker.queued,
+            "running": st.worker.running,
+        }
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
