@@ -6,13 +6,14 @@ step, so a sequence ends, and its text streams, the same way whether it runs alo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kvstash.detok import TextStream
 from kvstash.reuse.report import PrefillReport
-from kvstash.sampling import SamplingParams, sample
+from kvstash.sampling import SamplingParams, sample, sample_with_drafts
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GenerationResult:
     decode_tok_s: float  # tokens per second after the first one
     prefill: PrefillReport = field(repr=False)
     kv_bytes: int = 0  # K/V bytes of the prompt's decode cache after eviction / quantization (--evict, --kv-bits)
+    speculation: dict | None = None  # forwards, drafted and accepted tokens of speculative decoding (None: off)
 
     def summary(self) -> dict:
         """The flat JSON view used by the CLI and the benchmarks."""
@@ -50,6 +52,7 @@ class GenerationResult:
             "tier_hits": dict(r.tier_hits),
             "kv_bytes": self.kv_bytes,
             **({"kv_head_bits": r.kv_head_bits} if r.kv_head_bits else {}),
+            **({"speculation": self.speculation} if self.speculation is not None else {}),
         }
 
 
@@ -83,9 +86,19 @@ class Decoding:
         """Sample from ``logits`` [vocab] and return the text it adds (may be ""; the held-back tail of the text
         comes with the last step). Sets ``finish_reason`` when the sequence ends; else ``token`` is what the
         next forward feeds, at ``position``."""
+        return self.push(self.choose(logits))
+
+    def choose(self, logits: torch.Tensor, drafts: Sequence[int] = ()) -> int:
+        """The next token from ``logits`` [vocab]; with ``drafts`` (proposed tokens), by speculative sampling, so
+        the choice has the same distribution as without them (greedy: the argmax either way)."""
+        if drafts:
+            return sample_with_drafts(logits, self.params, self.rng, drafts)
+        return sample(logits, self.params, self.rng)
+
+    def push(self, token: int) -> str:
+        """Take ``token`` as the next one of the answer (the previous one counts as fed); returns its text."""
         if self.token is not None:
             self.position += 1  # the previous token was fed at the old position
-        token = sample(logits, self.params, self.rng)
         delta = ""
         if token in self.eos_ids:
             self.finish_reason = "stop"

@@ -17,6 +17,7 @@ from kvstash.prompt import PromptBuilder, PromptPlan, Segment
 from kvstash.reuse import DEFAULT_STORE, ChunkSource, Prefilled, ReuseMethod, make_method
 from kvstash.reuse.source import IngestReport
 from kvstash.sampling import SamplingParams
+from kvstash.speculate.speculation import SpecConfig, Stepper
 from kvstash.store import TieredStore, TierStats
 
 
@@ -28,6 +29,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # query tokens per forward during prefill (bounds attention memory)
     store: str = DEFAULT_STORE  # chunk store spec for the reuse methods, e.g. ram:4GiB,disk:DIR
     codec: str = "fp16"  # how chunk KV is encoded in the store
+    speculate: str = "off"  # speculative decoding by default: off | ngram (each call may say otherwise)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -36,6 +38,7 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        SpecConfig.parse(self.speculate)  # ValueError naming the choices
 
 
 class Generation:
@@ -156,7 +159,7 @@ class Engine:
         pre = method.prefill(self.runner, plan, self.chunks if method.needs_store else None)
         cache, evictor, head_bits = comp.apply(self.runner, pre.cache, plan.token_ids)
         pre.report.kv_head_bits = head_bits
-        return replace(pre, cache=cache, decode_hook=evictor)
+        return replace(pre, cache=cache, decode_hook=evictor, prompt_ids=plan.token_ids)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, pre: Prefilled, answer_ids: list[int]) -> torch.Tensor:
@@ -178,25 +181,29 @@ class Engine:
         kv_bits=None,
         evict=None,
         kv_alloc=None,
+        speculate: str | SpecConfig | None = None,
     ) -> Generation:
         """Start generating; iterate the returned Generation for text deltas. Errors in input raise here.
 
         ``prompt``: segments, or a plan from :meth:`plan` (so a caller that planned it already does not
         tokenize twice). ``evict`` (``"snapkv:0.25"``, an EvictionPolicy) and ``kv_bits`` (2, 4, 8, 16) compress
         the prompt's cache after prefill: evict first, then quantize; ``kv_alloc="mixed"`` (with ``kv_bits=4``)
-        gives each KV head's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes."""
+        gives each KV head's keys and values 2, 4 or 8 bits by measured sensitivity, for uniform 4-bit's bytes.
+        ``speculate`` (``"off"``, ``"ngram"``, a SpecConfig; None: the engine's default) drafts continuations
+        from the prompt and the answer and verifies them several tokens per forward, with the same output."""
         t0 = time.perf_counter()
         plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
         self.check_length(plan)
         method = self.method(reuse)
         comp = Compression.parse(kv_bits, evict, kv_alloc)
-        return Generation(self._generate(plan, method, comp, params or SamplingParams(), t0))
+        spec = self.speculation(speculate)
+        return Generation(self._generate(plan, method, comp, params or SamplingParams(), t0, spec))
 
     def generate(
-        self, prompt: list[Segment] | PromptPlan, params: SamplingParams | None = None, reuse=None, **compression
+        self, prompt: list[Segment] | PromptPlan, params: SamplingParams | None = None, reuse=None, **options
     ) -> GenerationResult:
-        """:meth:`stream` to the end; ``compression``: its ``kv_bits``, ``evict`` and ``kv_alloc``."""
-        gen = self.stream(prompt, params, reuse, **compression)
+        """:meth:`stream` to the end; ``options``: its ``kv_bits``, ``evict``, ``kv_alloc`` and ``speculate``."""
+        gen = self.stream(prompt, params, reuse, **options)
         for _ in gen:
             pass
         assert gen.result is not None
@@ -209,6 +216,7 @@ class Engine:
         reuse=None,
         *,
         batch: BatchConfig | None = None,
+        speculate: str | SpecConfig | None = None,
         **compression,
     ) -> list[GenerationResult]:
         """Answer many prompts together, with continuous batching (like vLLM's ``LLM.generate(list)``); results
@@ -221,19 +229,20 @@ class Engine:
             raise ValueError(f"got {len(per)} sampling params for {len(plans)} prompts; pass one, or one per prompt")
         for plan in plans:
             self.check_length(plan)
-        method, comp = self.method(reuse), Compression.parse(**compression)
+        method, comp, spec = self.method(reuse), Compression.parse(**compression), self.speculation(speculate)
         scheduler = Scheduler(self, batch)
-        seqs = [scheduler.add(plan, p, method, comp) for plan, p in zip(plans, per, strict=True)]
+        seqs = [scheduler.add(plan, p, method, comp, speculate=spec) for plan, p in zip(plans, per, strict=True)]
         scheduler.run_until_done()
         failed = next((s.error for s in seqs if s.error is not None), None)
         if failed is not None:
             raise failed
         return [s.result for s in seqs]
 
-    def decode(self, pre: Prefilled, params: SamplingParams | None = None) -> GenerationResult:
+    def decode(self, pre: Prefilled, params: SamplingParams | None = None, speculate=None) -> GenerationResult:
         """Generate the answer after a prefill (from :meth:`prefill`). Extends ``pre.cache``; clone it first
         (``replace(pre, cache=pre.cache.clone())``) to keep the prompt's cache for something else."""
-        gen = Generation(self._decode(pre, params or SamplingParams(), time.perf_counter()))
+        spec = self.speculation(speculate)
+        gen = Generation(self._decode(pre, params or SamplingParams(), time.perf_counter(), spec))
         for _ in gen:
             pass
         assert gen.result is not None
@@ -245,27 +254,34 @@ class Engine:
         segs = ([Segment(system, "system")] if system else []) + [Segment(d) for d in documents]
         return self.generate([*segs, Segment(question, "user")], SamplingParams(**kw), reuse)
 
-    def _generate(self, plan, method, comp, params, t0) -> Generator[str, None, GenerationResult]:
+    def _generate(self, plan, method, comp, params, t0, spec) -> Generator[str, None, GenerationResult]:
         pre = self._prefill(plan, method, comp)
-        return (yield from self._decode(pre, params, t0))
+        return (yield from self._decode(pre, params, t0, spec))
+
+    def speculation(self, speculate: str | SpecConfig | None = None) -> SpecConfig | None:
+        """The speculative decoding a call asks for (None: this engine's default); None when off."""
+        return SpecConfig.parse(self.config.speculate if speculate is None else speculate)
 
     def decoding(self, params: SamplingParams, prompt_tokens: int) -> Decoding:
         """A fresh decoding state for one sequence of this engine (its EOS ids and context limit)."""
         return Decoding(self.tokenizer, self.eos_ids, params, prompt_tokens, self.lm.context_limit)
 
-    def _decode(self, pre: Prefilled, params: SamplingParams, t0: float) -> Generator[str, None, GenerationResult]:
-        """Sample the first token from ``pre``, then decode one token per forward until EOS, a stop string,
-        ``max_tokens`` or the context limit. Yields text deltas; returns the result."""
+    def _decode(self, pre: Prefilled, params: SamplingParams, t0: float, spec: SpecConfig | None = None):
+        """Sample the first token from ``pre``, then decode (one token per forward, or several with speculation)
+        until EOS, a stop string, ``max_tokens`` or the context limit. Yields text deltas; returns the result."""
         kv_bytes = pre.cache.nbytes
         dec = self.decoding(params, pre.report.prompt_tokens)
         delta = dec.step(pre.last_logits)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
+        stepper = Stepper(dec, pre, spec)
         while True:
             if delta:
                 yield delta
             if dec.finished:
                 break
-            ids, pos = torch.tensor([dec.token]), torch.tensor([dec.position])
-            delta = dec.step(self.runner.forward(ids, pos, pre.cache, hook=pre.decode_hook))
-        return dec.result(pre.report, ttft, time.perf_counter() - t1, kv_bytes)
+            (h,) = self.runner.run([stepper.rows()])
+            delta = stepper.take(self.runner.logits(h if stepper.all_rows else h[-1:]))
+        result = dec.result(pre.report, ttft, time.perf_counter() - t1, kv_bytes)
+        result.speculation = stepper.stats
+        return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,5 +64,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token id from logits [V]."""
     if params.greedy:
         return int(logits.argmax())
-    filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    return int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution :func:`sample` draws from (temperature, top-k, top-p applied): [V] float32."""
+    return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
+
+
+def sample_with_drafts(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, drafts: Sequence[int]
+) -> int:
+    """Pick the next token with the distribution of :func:`sample`, trying proposed ``drafts`` first.
+
+    Speculative sampling for deterministic drafts (SpecInfer's multi-step speculative sampling with point-mass
+    proposals): draft d is accepted with probability p(d) under the residual distribution; on a rejection d's
+    mass is removed and the rest renormalized; if every draft is rejected, the token is drawn from what is
+    left. Greedy: the argmax (a draft or not)."""
+    if params.greedy:
+        return int(logits.argmax())
+    p = probabilities(logits, params).clone()
+    for d in dict.fromkeys(drafts):  # each distinct draft once, in order
+        mass = float(p.sum())
+        if mass <= 0:
+            break
+        if float(torch.rand(1, generator=generator)) * mass < float(p[d]):
+            return int(d)
+        p[d] = 0.0
+    return int(torch.multinomial(p / p.sum(), 1, generator=generator))

@@ -24,10 +24,11 @@ LAYERS = {
     "reuse": {"cache", "model", "store", "prompt"},
     "compress": {"cache", "model"},
     "decoding": {"detok", "sampling", "reuse"},
-    "batch": {"cache", "model", "store", "prompt", "sampling", "detok", "decoding", "reuse", "compress"},
+    "speculate": {"cache", "model", "sampling", "detok", "decoding", "reuse"},
+    "batch": {"cache", "model", "store", "prompt", "sampling", "detok", "decoding", "reuse", "compress", "speculate"},
     "engine": {
         *("cache", "model", "store", "prompt", "sampling", "detok", "decoding", "splitting", "reuse", "compress"),
-        "batch",
+        *("batch", "speculate"),
     },
 }
 

@@ -36,6 +36,7 @@ from kvstash.prompt import PromptPlan
 from kvstash.reuse.base import Prefilled, ReuseMethod
 from kvstash.reuse.source import ChunkSource
 from kvstash.sampling import SamplingParams
+from kvstash.speculate.speculation import SpecConfig, Stepper
 
 
 class EngineParts(Protocol):
@@ -95,6 +96,7 @@ class Scheduler:
         on_delta: Callable[[Sequence, str], None] | None = None,
         on_done: Callable[[Sequence], None] | None = None,
         tag=None,
+        speculate: SpecConfig | None = None,
     ) -> Sequence:
         """Queue a prompt (planned, length-checked). ValueError, before any compute, if its prompt and answer
         could never fit in the KV budget even alone."""
@@ -105,7 +107,7 @@ class Scheduler:
                 f"max_tokens {params.max_tokens}), more than the whole KV budget of {self.kv_budget / 2**20:.0f} "
                 "MiB; lower max_tokens, shorten the prompt, or raise --kv-budget"
             )
-        seq = Sequence(plan, params, method, compression or Compression(), on_delta, on_done, tag)
+        seq = Sequence(plan, params, method, compression or Compression(), on_delta, on_done, tag, speculate)
         self.waiting.append(seq)
         return seq
 
@@ -142,7 +144,7 @@ class Scheduler:
     def _plan(self) -> tuple[list[Rows], list[Sequence], list[tuple[Sequence, int]]]:
         """The rows of this step: every decoding sequence's token, then prefill passes in admission order."""
         decoding = [s for s in self.running if s.state is State.DECODE]
-        batch = [s.decode_rows() for s in decoding]
+        batch = [s.stepper.rows() for s in decoding]
         tokens, prefilling = len(batch), []
         for seq in self.running:
             if seq.state is not State.PREFILL:
@@ -158,9 +160,10 @@ class Scheduler:
     def _advance_decoding(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
         if not seqs:
             return
-        logits = self.runner.logits(torch.cat([h[-1:] for h in hs]))  # one LM head for the whole batch
-        for seq, row in zip(seqs, logits, strict=True):
-            self._emit(seq, seq.dec.step(row))
+        parts = [h if s.stepper.all_rows else h[-1:] for s, h in zip(seqs, hs, strict=True)]
+        logits = self.runner.logits(torch.cat(parts))  # one LM head for the whole batch
+        for seq, rows in zip(seqs, logits.split([len(p) for p in parts]), strict=True):
+            self._emit(seq, seq.stepper.take(rows))
 
     def _advance_prefill(self, seqs: list[tuple[Sequence, int]], hs: list[torch.Tensor]) -> None:
         at = 0
@@ -209,7 +212,7 @@ class Scheduler:
         pre = yield from seq.method.prefill_steps(self.runner, seq.plan, chunks)
         cache, hook, head_bits = seq.compression.apply(self.runner, pre.cache, seq.plan.token_ids)
         pre.report.kv_head_bits = head_bits
-        pre = replace(pre, cache=cache, decode_hook=hook)
+        pre = replace(pre, cache=cache, decode_hook=hook, prompt_ids=seq.plan.token_ids)
         seq.kv_bytes = cache.nbytes
         fed = seq.dec.token_ids[:-1] if seq.dec is not None else []
         if fed:  # resuming after a preemption: its answer so far, in one plain pass
@@ -236,14 +239,15 @@ class Scheduler:
     def _growth(self, seq: Sequence) -> int:
         """Slots ``seq``'s cache must gain before its next token: none while it has room."""
         cache = seq.pre.cache
-        if cache.length < cache.capacity:
+        rows = 1 + (seq.speculate.nodes if seq.stepper.all_rows else 0)  # a draft's rows are appended too
+        if cache.length + rows <= cache.capacity:
             return 0
-        left = seq.params.max_tokens - len(seq.dec.token_ids) + 1
-        return min(max(256, cache.capacity // 4), max(1, left))
+        left = seq.params.max_tokens - len(seq.dec.token_ids) + rows
+        return min(max(256, cache.capacity // 4), max(rows, left))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.state, seq.pre, seq.steps, seq.pending = State.WAITING, None, None, None
+        seq.state, seq.pre, seq.steps, seq.pending, seq.stepper = State.WAITING, None, None, None, None
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -256,7 +260,10 @@ class Scheduler:
             seq.dec = self.engine.decoding(seq.params, seq.prompt_tokens)
             delta = seq.dec.step(pre.last_logits)
             seq.first_token_at = time.perf_counter()
+            seq.stepper = Stepper(seq.dec, pre, seq.speculate)
             self._emit(seq, delta)
+        else:  # resumed after a preemption: the same decoding, over the recomputed cache
+            seq.stepper = Stepper(seq.dec, pre, seq.speculate)
 
     def _emit(self, seq: Sequence, delta: str) -> None:
         if delta and seq.on_delta is not None and not seq.cancelled:
@@ -280,6 +287,7 @@ class Scheduler:
         if error is None and not seq.cancelled and seq.dec is not None and seq.dec.finished:
             decode_s = seq.finished_at - (seq.first_token_at or seq.finished_at)
             seq.result = seq.dec.result(seq.pre.report, seq.ttft_s, decode_s, seq.kv_bytes)
+            seq.result.speculation = seq.stepper.stats if seq.stepper is not None else None
         seq.pre, seq.steps, seq.pending = None, None, None  # the KV goes now
         if seq.on_done is not None:
             seq.on_done(seq)

@@ -9,14 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from kvstash.compress.pipeline import Compression
 from kvstash.decoding import Decoding, GenerationResult
 from kvstash.model.runner import Rows, Steps
 from kvstash.prompt import PromptPlan
 from kvstash.reuse.base import Prefilled, ReuseMethod
 from kvstash.sampling import SamplingParams
+from kvstash.speculate.speculation import SpecConfig, Stepper
 
 _ids = itertools.count(1)
 
@@ -40,6 +39,7 @@ class Sequence:
     on_delta: Callable[[Sequence, str], None] | None = None  # called on the scheduler's thread
     on_done: Callable[[Sequence], None] | None = None  # called once, when the sequence ends in any way
     tag: Any = None  # the caller's own handle (a server job)
+    speculate: SpecConfig | None = None  # speculative decoding (None: off)
     id: int = field(default_factory=lambda: next(_ids))
     state: State = State.WAITING
     arrived: float = field(default_factory=time.perf_counter)
@@ -50,6 +50,7 @@ class Sequence:
     pending: list[Rows] | None = None  # the pass it waits to run
     pre: Prefilled | None = None  # the prompt's cache once prefilled
     dec: Decoding | None = None
+    stepper: Stepper | None = None  # its decoding steps over its current cache
     kv_bytes: int = 0  # the prompt's decode cache bytes after compression (as GenerationResult.kv_bytes)
     result: GenerationResult | None = None
     error: BaseException | None = None
@@ -66,9 +67,3 @@ class Sequence:
 
     def pending_tokens(self) -> int:
         return sum(len(rows.positions) for rows in self.pending or ())
-
-    def decode_rows(self) -> Rows:
-        """The rows of this sequence's next decoding step: its pending token at its position."""
-        assert self.dec is not None and self.dec.token is not None and self.pre is not None
-        ids, pos = torch.tensor([self.dec.token]), torch.tensor([self.dec.position])
-        return Rows(ids, pos, self.pre.cache, hook=self.pre.decode_hook)

@@ -32,6 +32,8 @@ class Measured(NamedTuple):
     recomputed_tokens: int  # prompt tokens computed in this request
     reused_tokens: int  # prompt tokens whose KV came from a cache
     kv_bytes: int  # bytes of the prompt's KV as the method holds it
+    decode_tok_s: float = 0.0  # answer tokens per second after the first
+    tokens_per_forward: float | None = None  # answer tokens after the first per decoding pass (1 without drafts)
 
 
 class _FirstTokenTimer(BaseStreamer):
@@ -72,11 +74,14 @@ class HFGenerate:
     """transformers ``generate`` on the prompt ids, greedy; with ``reuse_head`` the prompt head's cache
     is computed once per distinct head and copied into every request."""
 
-    def __init__(self, model, tokenizer, eos_ids: set[int], max_tokens: int, reuse_head: bool = False):
+    def __init__(
+        self, model, tokenizer, eos_ids: set[int], max_tokens: int, reuse_head: bool = False, lookup: bool = False
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = sorted(eos_ids)
         self.max_tokens = max_tokens
         self.reuse_head = reuse_head
+        self.lookup = lookup  # prompt-lookup decoding (drafts of up to 10 tokens copied from the prompt)
         self._heads: dict[tuple[int, ...], DynamicCache] = {}  # head ids -> its prefilled cache
 
     @torch.inference_mode()
@@ -108,8 +113,10 @@ class HFGenerate:
             streamer=timer,
             return_dict_in_generate=True,
             output_logits=True,
+            **({"prompt_lookup_num_tokens": 10} if self.lookup else {}),
         )
-        ttft = (timer.first_token_at or time.perf_counter()) - t0
+        end = time.perf_counter()
+        ttft = (timer.first_token_at or end) - t0
         new = out.sequences[0, ids.shape[1] :].tolist()
         answer = new[: next((i for i, t in enumerate(new) if t in self.eos_ids), len(new))]
         logits = torch.cat(out.logits).float()  # [steps, vocab]
@@ -122,4 +129,5 @@ class HFGenerate:
             recomputed_tokens=len(plan) - n_head,
             reused_tokens=n_head,
             kv_bytes=_cache_bytes(out.past_key_values, len(plan)),
+            decode_tok_s=(len(answer) - 1) / (end - t0 - ttft) if len(answer) > 1 and end - t0 > ttft else 0.0,
         )

@@ -29,6 +29,7 @@ FILES = {
     "kv": "kv-retrieval-75_keys.jsonl.gz",
     "needle": "musique_s.json",  # the haystack is real musique passages
     "needle-code": "musique_s.json",
+    "chat": "nq_open_oracle.json",  # NQ-open questions asked with no documents
 }
 POSITIONS = ("random", "first", "middle", "last")
 NEEDLE_NOUNS = (
@@ -306,6 +307,15 @@ def _needles(path: Path, n, passages: int, seed: int, depth, name: str, ask: str
     return out
 
 
+def _load_chat(path: Path, n: int | None, passages: int, seed: int) -> list[Example]:
+    """NQ-open questions with no documents at all: plain chat, where nothing in the prompt can be copied
+    (``passages`` is ignored)."""
+    rows = _read(path)
+    rng = _rng(seed, "chat", len(rows))
+    order = rng.sample(range(len(rows)), _count(n, len(rows), "chat"))
+    return [Example(rows[i]["id"], rows[i]["question"].strip() + "?", [], list(rows[i]["answers"])) for i in order]
+
+
 LOADERS: dict[str, Callable[..., list[Example]]] = {
     "musique": _load_musique,
     "wikimqa": _load_wikimqa,
@@ -314,6 +324,7 @@ LOADERS: dict[str, Callable[..., list[Example]]] = {
     "kv": _load_kv,
     "needle": _load_needle,
     "needle-code": _load_needle_code,
+    "chat": _load_chat,
 }
 
 

@@ -1,11 +1,13 @@
 """What ``kvstash bench --methods`` accepts: one comma-separated spec per method, parsed into `MethodSpec`.
 
-Grammar (each spec): ``NAME[:RATIO][+CODEC][@kvBITS][@POLICY:BUDGET]``
+Grammar (each spec): ``NAME[:RATIO][+CODEC][+spec][@kvBITS][@POLICY:BUDGET]``
 
 - ``NAME``: a reuse method (``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``, ``cacheblend:0.15``)
   or a transformers baseline (``hf``: plain ``generate`` on the same prompt ids; ``hf-prefix``: ``generate``
   continuing a cached copy of the shared prompt head).
 - ``+CODEC``: how chunk KV is encoded in the store (``fp16``, ``kivi4``, ...), e.g. ``blend:0.15+kivi4``.
+- ``+spec``: speculative decoding (n-gram drafts from the prompt, verified as a token tree), e.g. ``blend:0.15+spec``;
+  ``hf-lookup`` is transformers' prompt-lookup decoding on the same prompt ids, its peer.
 - ``@kvBITS``: quantize the working KV cache to BITS bits, e.g. ``full@kv4`` (passed as ``kv_bits=``);
   ``@kv4mixed``: 4 bits on average, each KV head's keys and values at 2, 4 or 8 by sensitivity (``kv_alloc=``).
 - ``@POLICY:BUDGET``: evict prompt KV with a policy, e.g. ``full@snapkv:0.25`` (passed as ``evict=``).
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from kvstash.reuse import make_method
 from kvstash.store.codec_registry import get_codec
 
-BASELINES = ("hf", "hf-prefix")  # measured with transformers, not the kvstash engine
+BASELINES = ("hf", "hf-prefix", "hf-lookup")  # measured with transformers, not the kvstash engine
 DEFAULT_METHODS = "full,prefix,naive,cacheblend:0.15,blend:0.15,blend:0.3,hf,hf-prefix"
 QUICK_METHODS = "full,naive,blend:0.15,hf"
 _KV_BITS = re.compile(r"kv(\d+)(mixed)?")
@@ -37,11 +39,12 @@ class MethodSpec:
     kv_bits: int | None = None  # working-cache quantization bits (None: off)
     evict: str | None = None  # eviction policy spec, e.g. ``snapkv:0.25`` (None: off)
     kv_alloc: str | None = None  # "mixed": per-KV-head widths around kv_bits (None: uniform)
+    speculate: bool = False  # speculative decoding (``+spec``)
 
     def __post_init__(self) -> None:
         if self.is_baseline:
-            if self.codec or self.kv_bits or self.evict:
-                raise ValueError(f"{self.name}: the transformers baselines take no +codec or @ options")
+            if self.codec or self.kv_bits or self.evict or self.speculate:
+                raise ValueError(f"{self.name}: the transformers baselines take no + or @ options")
             return
         make_method(self.reuse)  # raises ValueError naming the known methods
         if self.codec is not None:
@@ -67,9 +70,14 @@ class MethodSpec:
         return {k: v for k, v in kw.items() if v is not None}
 
     @property
+    def plain(self) -> str:
+        """The name of the same method without speculation (what ``+spec`` answers are compared with)."""
+        return self.name.replace("+spec", "")
+
+    @property
     def is_reference(self) -> bool:
         """Plain full prefill: the reference every other method is compared with."""
-        return self.reuse == "full" and not (self.codec or self.kv_bits or self.evict)
+        return self.reuse == "full" and not (self.codec or self.kv_bits or self.evict or self.speculate)
 
 
 def parse_method(spec: str) -> MethodSpec:
@@ -78,7 +86,12 @@ def parse_method(spec: str) -> MethodSpec:
     if not text:
         raise ValueError("empty method spec; e.g. --methods full,naive,blend:0.15")
     head, *mods = text.split("@")
-    reuse, _, codec = head.partition("+")
+    reuse, *pluses = head.split("+")
+    speculate = "spec" in pluses
+    codecs = [p for p in pluses if p != "spec"]
+    if len(codecs) > 1:
+        raise ValueError(f"{text}: one codec at most, e.g. blend+kivi4+spec")
+    codec = codecs[0] if codecs else ("" if "" in pluses else None)
     kv_bits = evict = kv_alloc = None
     for mod in mods:
         if m := _KV_BITS.fullmatch(mod):
@@ -87,9 +100,9 @@ def parse_method(spec: str) -> MethodSpec:
             evict = mod
         else:
             raise ValueError(f"{text}: unknown modifier @{mod}; use @kvBITS (e.g. @kv4, @kv4mixed) or @POLICY:BUDGET")
-    if codec == "" and "+" in head:
-        raise ValueError(f"{text}: '+' must be followed by a codec, e.g. blend+kivi4")
-    return MethodSpec(text, reuse, codec or None, kv_bits, evict, kv_alloc)
+    if codec == "":
+        raise ValueError(f"{text}: '+' must be followed by a codec or 'spec', e.g. blend+kivi4")
+    return MethodSpec(text, reuse, codec or None, kv_bits, evict, kv_alloc, speculate)
 
 
 def parse_methods(specs: str) -> tuple[MethodSpec, ...]:

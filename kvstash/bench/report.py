@@ -15,7 +15,8 @@ from kvstash.bench.metrics import summarize
 CSV_FIELDS = (
     "method", "ttft_s", "ttft_p90_s", "speedup_vs_full", "accuracy", "f1", "agreement", "kl",
     "prompt_tokens", "recomputed_tokens", "reused_tokens", "kv_bytes", "peak_rss_mb", "n",
-    "reuse", "codec", "kv_bits", "kv_alloc", "evict",
+    "decode_tok_s", "tokens_per_forward", "same_as_plain",
+    "reuse", "codec", "kv_bits", "kv_alloc", "evict", "speculate",
 )  # fmt: skip
 # (header, summary field, format) of the markdown table's columns
 TABLE = (
@@ -30,6 +31,9 @@ TABLE = (
     ("agree w/ full", "agreement", "{:.2f}"),
     ("KL(full‖m)", "kl", "{:.4f}"),
     ("KV MiB", "kv_bytes", "mib"),
+    ("decode tok/s", "decode_tok_s", "{:.1f}"),
+    ("tok/fwd", "tokens_per_forward", "{:.2f}"),
+    ("= plain", "same_as_plain", "{:.2f}"),
 )
 
 
@@ -74,9 +78,27 @@ def summarize_methods(rows: list[dict[str, Any]], methods: Sequence[MethodSpec])
                 "reused_tokens": round(_mean([r["reused_tokens"] for r in mine]), 1),
                 "kv_bytes": round(_mean([r["kv_bytes"] for r in mine])),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                "decode_tok_s": round(statistics.median(r.get("decode_tok_s") or 0.0 for r in mine), 2),
+                "tokens_per_forward": _mean_of(r.get("tokens_per_forward") for r in mine),
+                "speculate": spec.speculate,
+                "same_as_plain": _same_as(rows, spec) if spec.speculate or spec.reuse == "hf-lookup" else None,
             }
         )
     return out
+
+
+def _mean_of(values) -> float | None:
+    xs = [v for v in values if v is not None]
+    return round(_mean(xs), 3) if xs else None
+
+
+def _same_as(rows: list[dict[str, Any]], spec: MethodSpec) -> float | None:
+    """Share of examples where ``spec``'s answer is identical to the plain method's (``X+spec`` vs ``X``;
+    ``hf-lookup`` vs ``hf``); None when the plain method was not run."""
+    plain = "hf" if spec.reuse == "hf-lookup" else spec.plain
+    base = {r["id"]: r["answer"] for r in rows if r["method"] == plain}
+    mine = [r for r in rows if r["method"] == spec.name and r["id"] in base]
+    return round(_mean([r["answer"] == base[r["id"]] for r in mine]), 4) if mine else None
 
 
 def _cell(value: Any, fmt: str) -> str:

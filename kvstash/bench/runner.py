@@ -152,22 +152,30 @@ class _EngineMethod:
         """Timed generation, then a prefill scored along ``reference_ids`` (None: this method's own answer)."""
         self.family.warm(case)
         engine, kw, store = self.family.engine, self.spec.engine_kwargs, self.family.store()
+        speculate = "ngram" if self.spec.speculate else "off"
         with _rollback(store) if store is not None else nullcontext():
-            res = engine.generate(case.segments, self.params, self.method, **kw)
+            res = engine.generate(case.segments, self.params, self.method, speculate=speculate, **kw)
         ids = res.token_ids if reference_ids is None else reference_ids
         with _rollback(store) if store is not None else nullcontext():
             pre = engine.prefill(case.plan, self.method, **kw)
             kv_bytes = int(pre.cache.nbytes)
             logits = engine.teacher_forced_logits(pre, ids)
-        r = res.prefill
-        return Measured(res.token_ids, res.text, res.ttft_s, logits, r.recomputed_tokens, r.reused_tokens, kv_bytes)
+        r, n = res.prefill, res.completion_tokens
+        forwards = n - 1 - (res.speculation["accepted"] if res.speculation else 0)  # decoding passes
+        per_forward = (n - 1) / forwards if forwards > 0 else None
+        return Measured(
+            res.token_ids, res.text, res.ttft_s, logits, r.recomputed_tokens, r.reused_tokens, kv_bytes,
+            res.decode_tok_s, per_forward,
+        )  # fmt: skip
 
 
 class _HFMethod:
     def __init__(self, spec: MethodSpec, engine: Engine, max_tokens: int):
         self.spec = spec
         lm = engine.lm
-        self.hf = HFGenerate(lm.model, lm.tokenizer, engine.eos_ids, max_tokens, reuse_head=spec.reuse == "hf-prefix")
+        self.hf = HFGenerate(
+            lm.model, lm.tokenizer, engine.eos_ids, max_tokens, spec.reuse == "hf-prefix", spec.reuse == "hf-lookup"
+        )
 
     def run(self, case: Case, reference_ids: list[int] | None) -> Measured:
         assert reference_ids is not None, "a baseline is never the reference"
@@ -239,6 +247,8 @@ class Bench:
             "recomputed_tokens": m.recomputed_tokens,
             "reused_tokens": m.reused_tokens,
             "kv_bytes": m.kv_bytes,
+            "decode_tok_s": m.decode_tok_s,
+            "tokens_per_forward": m.tokens_per_forward,
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             **{k: v for k, v in ex.meta.items() if k in ("gold_index", "depth")},
         }

@@ -151,6 +151,24 @@ class KVCache:
             self.bias[:, :, :m] = torch.gather(self.bias[:, :, :n], 2, slots)
         self.length = m
 
+    @property
+    def tail_room(self) -> int | None:
+        """How many of the newest tokens :meth:`keep_tail` can drop (None: any number)."""
+        return None
+
+    def keep_tail(self, start: int, slots: list[int]) -> None:
+        """Keep slots ``[0, start)`` and, after them, the given ``slots`` (>= ``start``, ascending); drop the rest
+        (a speculative step's rejected rows). Moves nothing when ``slots`` already follow ``start`` in order."""
+        n = len(slots)
+        if slots != list(range(start, start + n)):
+            idx = torch.tensor(slots)
+            self.k[:, :, start : start + n] = self.k[:, :, idx]
+            self.v[:, :, start : start + n] = self.v[:, :, idx]
+            self.pos[:, :, start : start + n] = self.pos[:, :, idx]
+            if self.bias is not None:
+                self.bias[:, :, start : start + n] = self.bias[:, :, idx]
+        self.length = start + n
+
     def clone(self, upto: int | None = None) -> KVCache:
         """An independent copy of slots ``[0, upto)`` (default: all), capacity trimmed to that length."""
         n = self.length if upto is None else min(upto, self.length)

@@ -178,6 +178,18 @@ class QuantizedLayerCache:
         self._num_quantized += n
         return n
 
+    def keep_recent(self, n: int, keep: list[int]) -> None:
+        """Of the last ``n`` tokens appended, keep only those at the offsets ``keep`` (ascending), in order: a
+        speculative step's accepted rows. They must still be in the full-precision residual (ValueError if not)."""
+        if n > self.num_residual:
+            raise ValueError(f"only the residual's {self.num_residual} newest tokens can be dropped, not {n}")
+        first = self._r - n
+        idx = torch.tensor([first + i for i in keep], dtype=torch.long)
+        m = len(keep)
+        self._k_buf[:, first : first + m] = self._k_buf[:, idx]
+        self._v_buf[:, first : first + m] = self._v_buf[:, idx]
+        self._r = first + m
+
     def last_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (keys, values) ``[kv_heads, t, head_dim]`` of the tokens the latest flush quantized, as
         dequantized. Raises ValueError while nothing is quantized."""
@@ -261,6 +273,10 @@ class HeadwiseLayerCache:
                 f"{tuple(k.shape)} and {tuple(v.shape)}"
             )
         return [h.append(k[i : i + 1], v[i : i + 1]) for i, h in enumerate(self.heads)][0]
+
+    def keep_recent(self, n: int, keep: list[int]) -> None:
+        for h in self.heads:
+            h.keep_recent(n, keep)
 
     def last_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _cat_heads([h.last_block() for h in self.heads])

@@ -102,6 +102,18 @@ class QuantizedKVCache(KVCache):
         raise ValueError("a quantized cache cannot be rolled back")
 
     @property
+    def tail_room(self) -> int:
+        """How many of the newest tokens :meth:`keep_tail` can still drop: those in the fp16 residual."""
+        return self.config.residual
+
+    def keep_tail(self, start: int, slots: list[int]) -> None:
+        """As :meth:`KVCache.keep_tail`, for rows appended in the last pass while they are in the residual."""
+        offsets = [s - start for s in slots]
+        for store in self.stores:
+            store.keep_recent(self.length - start, offsets)
+        super().keep_tail(start, slots)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of K/V actually held: packed codes, fp16 scales and zeros, the fp16 residual."""
         return sum(s.nbytes for s in self.stores)

@@ -58,6 +58,22 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", help=CODEC_HELP)
     _add_reuse_args(p)
     _add_compression_args(p)
+    add_speculate_arg(p)
+
+
+# Speculative decoding by default on the command line (docs/benchmarks.md, "Speculative decoding").
+CLI_SPECULATE = "off"
+
+
+def add_speculate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculate",
+        choices=("off", "ngram"),
+        default=CLI_SPECULATE,
+        help="speculative decoding: 'ngram' drafts the answer's next tokens from the prompt's documents and the "
+        "answer so far and verifies them as a token tree in one forward; greedy output is the same as "
+        f"without it (default {CLI_SPECULATE})",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

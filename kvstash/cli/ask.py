@@ -55,6 +55,7 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         kv_bits=args.kv_bits,
         evict=args.evict,
         kv_alloc=args.kv_alloc,
+        speculate=args.speculate,
     )
     for delta in gen:
         if args.stream and not args.json:

@@ -9,12 +9,13 @@ from dataclasses import replace
 from kvstash.bench.methods import BASELINES, DEFAULT_METHODS
 from kvstash.model.registry import DEFAULT_MODEL
 
-DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle", "needle-code")
+DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle", "needle-code", "chat")
 METHODS_HELP = f"""\
 methods (--methods, comma-separated; plain full is always run first, as the reference):
   full | prefix | naive | blend[:RATIO] | cacheblend[:RATIO]    kvstash reuse methods (cacheblend: plain CacheBlend)
-  {" | ".join(BASELINES)}                                transformers generate / with a cached prompt head
+  {" | ".join(BASELINES)}                    transformers generate / with a cached prompt head / prompt lookup
   METHOD+CODEC      chunk store codec, e.g. blend:0.15+kivi4
+  METHOD+spec       speculative decoding (n-gram drafts verified as a token tree), e.g. blend:0.15+spec
   METHOD@kvBITS     quantized working KV, e.g. full@kv4
   METHOD@POLICY:B   KV eviction, e.g. full@snapkv:0.25
 default: {DEFAULT_METHODS}
@@ -53,6 +54,12 @@ def register(sub) -> None:
     p.add_argument("--depth", type=_depth, help="needle, needle-code: depth in [0, 1] or random (default random)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="compute dtype of every method, baselines included (default float32, the exact reference)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
@@ -90,6 +97,8 @@ def command_line(config, args) -> str:
             argv += [flag, str(value)]
     if args.model != DEFAULT_MODEL:
         argv += ["--model", args.model]
+    if args.dtype != "float32":
+        argv += ["--dtype", args.dtype]
     return shlex.join(argv)
 
 
@@ -101,7 +110,7 @@ def cmd_bench(args) -> int:
 
     config = config_from_args(args)
     data_file(FILES[config.dataset], config.data_dir)  # a missing file fails here, before the model loads
-    engine = Engine(EngineConfig(model=args.model, threads=args.threads))
+    engine = Engine(EngineConfig(model=args.model, threads=args.threads, dtype=args.dtype))
     result = run_bench(engine, config)
     paths = write_all(result, args.out)
     print(headline(result.config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kvstash.cli.args import CODEC_HELP, STORE_HELP, add_model_args
+from kvstash.cli.args import CODEC_HELP, STORE_HELP, add_model_args, add_speculate_arg
 from kvstash.reuse import DEFAULT_STORE
 
 
@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument(
         "--reuse", metavar="METHOD", default="blend", help="full | prefix | naive | blend (default) | cacheblend"
     )
+    add_speculate_arg(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
     p.add_argument(
         "--max-batch",
@@ -79,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
         kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
+        speculate=args.speculate,
     )
     parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
     logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request

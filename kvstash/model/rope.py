@@ -40,17 +40,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [heads, T, head_dim]; cos, sin: [T, head_dim]
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    # x: [heads, T, head_dim]; cos, sin: [T, head_dim] -> x rotated, in ``dtype`` (default x's)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(dtype or x.dtype)
 
 
-def reposition(keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate keys computed at positions ``old`` so they are as if computed at ``new``.
+def reposition(
+    keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor, rope: Rope, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Rotate keys computed at positions ``old`` so they are as if computed at ``new``, in ``dtype`` (default:
+    the keys'; the rotation itself is done in float32).
 
     keys: [..., T, head_dim] (already rotated to ``old``); old, new: [T] int64. Returns a new tensor.
     """
     if torch.equal(old, new):
-        return keys
+        return keys.to(dtype or keys.dtype)
     cos, sin = rope.cos_sin(new - old, scaled=False)  # [T, head_dim]
-    return apply_rope(keys, cos, sin)
+    return apply_rope(keys, cos, sin, dtype)

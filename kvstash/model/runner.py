@@ -79,7 +79,9 @@ class Rows:
     slots: torch.Tensor | None = None  # [T] cache slots to write; None: appended to the cache by the pass
     hook: LayerHook | None = None
     write: bool = True  # False: the rows' K/V are already cached (query replay)
-    _mask: tuple | None = field(default=None, repr=False)  # (mask,) reused across layers while it can be
+    tree: torch.Tensor | None = None  # [T, T] bool: row i may see row j (a draft tree); appended rows only
+    _mask: tuple | None = field(default=None, repr=False)  # (mask, layer built at) reused while it can be
+    _visible: dict = field(default_factory=dict, repr=False)  # block start -> keys it sees, for that mask
     _run: int | None = field(default=None, repr=False)  # first slot when the slots are one run, else None
 
     def narrow(self, keep: torch.Tensor) -> None:
@@ -87,16 +89,30 @@ class Rows:
         self._mask, self._run = None, _first_of_run(self.slots)
 
     def mask(self, layer: int) -> torch.Tensor | None:
-        """:func:`attention_mask` of these rows over the cache's layer; one mask serves every layer while the
-        cache is uniform and unbiased and the rows do not change."""
+        """:func:`attention_mask` of these rows over the cache's layer. In a uniform cache (positions the same in
+        every layer) one mask serves every layer whose logit bias equals the layer it was built for."""
         cache = self.cache
-        shared = cache.uniform and cache.bias is None
-        if shared and self._mask is not None:
+        if self._mask is not None and cache.uniform and self._same_bias(self._mask[1], layer):
             return self._mask[0]
         _, _, k_pos = cache.layer(layer)
         mask = attention_mask(self.positions, k_pos, cache.layer_bias(layer), cache.uniform)
-        self._mask = (mask,) if shared else None
+        if self.tree is not None:
+            mask = tree_mask(mask, self.tree, len(self.positions), k_pos.shape[-1])
+        self._mask, self._visible = (mask, layer, cache.bias is not None), {}
         return mask
+
+    def _same_bias(self, built: int, layer: int) -> bool:
+        bias = self.cache.layer_bias(layer)
+        if bias is None or not self._mask[2]:
+            return bias is None and not self._mask[2]
+        return built == layer or torch.equal(bias, self.cache.layer_bias(built))
+
+    def visible(self, start: int, block: torch.Tensor) -> int:
+        """:func:`visible_keys` of the block of queries from ``start`` (a slice of the current mask), remembered
+        while the mask is."""
+        if start not in self._visible:
+            self._visible[start] = visible_keys(block)
+        return self._visible[start]
 
 
 class Runner:
@@ -215,7 +231,7 @@ class Runner:
         outs = []
         for s in range(0, q.shape[1], self.block):
             m = None if mask is None else mask[s : s + self.block]
-            n = k_all.shape[1] if m is None else visible_keys(m)
+            n = k_all.shape[1] if m is None else rows.visible(s, m)
             m = None if m is None else m[:, :n]
             outs.append(self._attend_block(layer, hook, q[:, s : s + self.block], k_all[:, :n], v_all[:, :n], m))
         return _cat(outs)
@@ -266,6 +282,20 @@ class Runner:
                 batch = steps.send(self.run(batch))
         except StopIteration as done:
             return done.value
+
+
+def tree_mask(mask: torch.Tensor | None, tree: torch.Tensor, t: int, n: int) -> torch.Tensor:
+    """``mask`` (as :func:`attention_mask` built it for ``t`` rows appended last to ``n`` keys; None: all
+    visible) with the last ``t`` keys limited to what ``tree`` [t, t] lets each row see."""
+    if mask is None:
+        mask = torch.ones(t, n, dtype=torch.bool)
+    mask = mask.clone()
+    tail = mask[..., n - t :]
+    if mask.dtype == torch.bool:
+        tail &= tree
+    else:
+        tail.masked_fill_(~tree, float("-inf"))
+    return mask
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

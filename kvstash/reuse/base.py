@@ -28,6 +28,7 @@ class Prefilled:
     last_logits: torch.Tensor  # [vocab] float32: the distribution of the first generated token
     report: PrefillReport
     decode_hook: LayerHook | None = None  # runs in every decoding forward (eviction while decoding, ``:decode``)
+    prompt_ids: tuple[int, ...] = ()  # the prompt's token ids (what a speculative drafter looks things up in)
 
 
 class ReuseMethod(ABC):

@@ -61,9 +61,8 @@ def lay_out(
         if hit is None:
             continue
         new_pos = torch.arange(seg.start, seg.end)
-        keys = reposition(hit.chunk.keys.to(cache.dtype), hit.chunk.positions, new_pos, runner.rope)
-        cache.k[:, :, seg.start : seg.end] = keys
-        cache.v[:, :, seg.start : seg.end] = hit.chunk.values.to(cache.dtype)
+        cache.k[:, :, seg.start : seg.end] = reposition(hit.chunk.keys, hit.chunk.positions, new_pos, runner.rope)
+        cache.v[:, :, seg.start : seg.end] = hit.chunk.values  # cast to the cache's dtype on the copy
         rep = report.segments[i]
         rep.tier = hit.tier
         if hit.tier is None:  # a miss: computed standalone in this request

@@ -25,6 +25,7 @@ from kvstash.batch.sequence import Sequence
 from kvstash.compress.pipeline import Compression
 from kvstash.reuse.base import ReuseMethod
 from kvstash.sampling import SamplingParams
+from kvstash.speculate.speculation import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Generate:
     params: SamplingParams
     method: ReuseMethod
     compression: Compression
+    speculate: SpecConfig | None = None
 
 
 @dataclass
@@ -121,10 +123,12 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def generate(self, prepare, params: SamplingParams, method: ReuseMethod, compression: Compression) -> Job:
+    def generate(
+        self, prepare, params: SamplingParams, method: ReuseMethod, compression: Compression, speculate=None
+    ) -> Job:
         """Queue a generation. Call from the event loop. QueueFull / ShuttingDown when it cannot be taken."""
         job = self._new_job()
-        self._inbox.put(Generate(job, prepare, params, method, compression))
+        self._inbox.put(Generate(job, prepare, params, method, compression, speculate))
         return job
 
     def submit(self, fn: Callable[[Job], Any]) -> Job:
@@ -216,7 +220,14 @@ class Worker:
         try:
             plan = item.prepare()
             self.scheduler.add(
-                plan, item.params, item.method, item.compression, on_delta=self._delta, on_done=self._done, tag=job
+                plan,
+                item.params,
+                item.method,
+                item.compression,
+                on_delta=self._delta,
+                on_done=self._done,
+                tag=job,
+                speculate=item.speculate,
             )
         except Exception as e:  # bad input found on the worker (context overflow, KV budget): the handler answers
             job.emit("error", e)

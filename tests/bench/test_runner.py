@@ -124,8 +124,22 @@ def test_markdown_table_formats_every_column():
     methods = summarize_methods(_rows(), parse_methods("full,naive"))
     lines = markdown_table(methods).splitlines()
     assert lines[0].startswith("| method | TTFT med (s) | TTFT p90 (s) | speedup |")
-    assert lines[1] == "|" + "---|" * 11
-    assert lines[3] == "| naive | 1.000 | 1.400 | 3.00x | 10 | 90 | 0.33 | 0.333 | 0.67 | 0.2000 | 1.0 |"
+    assert lines[1] == "|" + "---|" * 14
+    assert lines[3] == "| naive | 1.000 | 1.400 | 3.00x | 10 | 90 | 0.33 | 0.333 | 0.67 | 0.2000 | 1.0 | 0.0 | — | — |"
+
+
+def test_speculation_columns_compare_with_the_plain_method():
+    rows = []
+    for i, (plain, spec) in enumerate([("a", "a"), ("b", "b"), ("c", "x"), ("d", "d")]):
+        base = {"id": str(i), "ttft_s": 1.0, "contains": True, "f1": 1.0, "agree": True, "kl": 0.0}
+        base |= {"prompt_tokens": 10, "recomputed_tokens": 10, "reused_tokens": 0, "kv_bytes": 1, "peak_rss_mb": 1.0}
+        rows.append({**base, "method": "full", "answer": plain, "decode_tok_s": 20.0, "tokens_per_forward": 1.0})
+        rows.append(
+            {**base, "method": "full+spec", "answer": spec, "decode_tok_s": 40.0 + i, "tokens_per_forward": 2.5}
+        )
+    full, spec = summarize_methods(rows, parse_methods("full,full+spec"))
+    assert full["same_as_plain"] is None and full["speculate"] is False
+    assert (spec["same_as_plain"], spec["decode_tok_s"], spec["tokens_per_forward"]) == (0.75, 41.5, 2.5)
 
 
 def test_quick_run_writes_table_json_csv_png(engine, tiny_data, tmp_path, one_thread):

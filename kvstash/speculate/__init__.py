@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters, draft trees, and their verification in one pass (SpecInfer-style)."""
