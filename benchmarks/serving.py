@@ -10,7 +10,7 @@ in the same order for every config:
   order, 32-token answers. kvstash gets the passages registered once through ``/v1/documents`` (their KV
   computed before the clock starts: a warm store) and named in the ``documents`` field; llama-server gets
   them inline in the user message after the same system prompt, with its prompt cache on.
-- ``chat``: chat questions without documents, 64-token answers.
+- ``chat``: chat requests without documents (an instruction and an NQ question), 64-token answers.
 
 Load: closed loop, C concurrent streaming clients (``--levels``), each sending its next request when the
 last one finished; and an open loop with Poisson arrivals (``--rate``). Per level: requests/s, completion
@@ -219,12 +219,29 @@ def workloads(args) -> dict[str, list[Request]]:
     rng = random.Random(args.seed)
     examples = load_dataset("musique", n=args.rag_examples, passages=10, seed=args.seed)
     rag = []
-    for i in range(args.rag_requests):
+    total = sum(n for _, n in slices(args).values())
+    for i in range(total):
         ex = examples[i % len(examples)]
         k = rng.randint(4, 8)
         rag.append(Request(f"rag{i}", ex.question, rng.sample(ex.documents, k), 32))
-    chat = [Request(f"chat{i}", CHAT[i % len(CHAT)], [], 64) for i in range(args.chat_requests)]
+    questions = [ex.question for ex in load_dataset("chat", n=total, seed=args.seed)]
+    chat = [
+        Request(f"chat{i}", f"{CHAT[i % len(CHAT)]} Then answer this: {q}", [], 64) for i, q in enumerate(questions)
+    ]
     return {"rag": rag, "chat": chat}
+
+
+def slices(args) -> dict:
+    """(first request, count) of each load level and of the Poisson run: disjoint, in a fixed order, so a level
+    sends the same requests to every server and no prompt repeats one sent before (a prompt cache would
+    answer a repeat from memory)."""
+    levels = sorted({int(x) for x in f"{args.levels},{args.peer_levels}".split(",")})
+    out, first = {}, 0
+    for c in levels:
+        out[c] = (first, max(args.min_requests, args.per_client * c))
+        first += out[c][1]
+    out["poisson"] = (first, 2 * args.min_requests)
+    return out
 
 
 def server_for(config: str, port: int, args) -> Server:
@@ -251,14 +268,15 @@ def run_config(config: str, work: dict[str, list[Request]], args) -> dict:
         for name, reqs in work.items():
             levels = [int(x) for x in (args.peer_levels if config == "llama-server" else args.levels).split(",")]
             for c in levels:
-                n = min(len(reqs), max(args.min_requests, args.per_client * c))
-                outcomes, wall = asyncio.run(closed_loop(server, reqs[:n], c))
+                first, n = slices(args)[c]  # every level its own requests, the same ones for every server
+                outcomes, wall = asyncio.run(closed_loop(server, reqs[first : first + n], c))
                 row = {"workload": name, "clients": c, **summarize(outcomes, wall)}
                 row["answers"] = {o.key: o.text for o in outcomes}
                 out["levels"].append(row)
                 print(f"{config} {name} x{c}: " + json.dumps({k: v for k, v in row.items() if k != "answers"}))
             if args.rate and name in args.rate and "/" not in config and config != "llama-server":
-                outcomes, wall = asyncio.run(poisson(server, reqs[: args.min_requests * 2], args.rate[name], 7))
+                first, n = slices(args)["poisson"]
+                outcomes, wall = asyncio.run(poisson(server, reqs[first : first + n], args.rate[name], 7))
                 row = {"workload": name, "clients": f"poisson {args.rate[name]}/s", **summarize(outcomes, wall)}
                 row["answers"] = {o.key: o.text for o in outcomes}
                 out["levels"].append(row)
@@ -343,8 +361,7 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     ap.add_argument("--rag-examples", type=int, default=6, help="MuSiQue questions whose passages are registered")
-    ap.add_argument("--rag-requests", type=int, default=32)
-    ap.add_argument("--chat-requests", type=int, default=32)
+
     ap.add_argument(
         "--rate",
         type=json.loads,

@@ -145,7 +145,7 @@ class Scheduler:
         """The rows of this step: every decoding sequence's token, then prefill passes in admission order."""
         decoding = [s for s in self.running if s.state is State.DECODE]
         batch = [s.stepper.rows() for s in decoding]
-        tokens, prefilling = len(batch), []
+        tokens, prefilling = sum(len(r.positions) for r in batch), []  # a draft tree brings several rows
         for seq in self.running:
             if seq.state is not State.PREFILL:
                 continue

@@ -15,7 +15,7 @@ from kvstash.bench.metrics import summarize
 CSV_FIELDS = (
     "method", "ttft_s", "ttft_p90_s", "speedup_vs_full", "accuracy", "f1", "agreement", "kl",
     "prompt_tokens", "recomputed_tokens", "reused_tokens", "kv_bytes", "peak_rss_mb", "n",
-    "decode_tok_s", "tokens_per_forward", "same_as_plain",
+    "decode_tok_s", "tokens_per_forward", "same_as_plain", "flips", "flip_gap_max",
     "reuse", "codec", "kv_bits", "kv_alloc", "evict", "speculate",
 )  # fmt: skip
 # (header, summary field, format) of the markdown table's columns
@@ -82,9 +82,16 @@ def summarize_methods(rows: list[dict[str, Any]], methods: Sequence[MethodSpec])
                 "tokens_per_forward": _mean_of(r.get("tokens_per_forward") for r in mine),
                 "speculate": spec.speculate,
                 "same_as_plain": _same_as(rows, spec) if spec.speculate or spec.reuse == "hf-lookup" else None,
+                **(_flips(mine) if spec.speculate and spec.plain == "full" else {}),
             }
         )
     return out
+
+
+def _flips(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For ``full+spec``: answers that left plain full's, and full's top-1/top-2 logit gap where they did."""
+    gaps = [r["divergence"]["gap"] for r in rows if r.get("divergence")]
+    return {"flips": len(gaps), "flip_gap_max": max(gaps) if gaps else None}
 
 
 def _mean_of(values) -> float | None:

@@ -249,9 +249,21 @@ class Bench:
             "kv_bytes": m.kv_bytes,
             "decode_tok_s": m.decode_tok_s,
             "tokens_per_forward": m.tokens_per_forward,
+            "divergence": _divergence(ref, m),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             **{k: v for k, v in ex.meta.items() if k in ("gold_index", "depth")},
         }
+
+
+def _divergence(ref: Measured, m: Measured) -> dict | None:
+    """Where ``m``'s answer first leaves the reference's (token index), and how close the reference's choice
+    was there: its top-1 minus top-2 logit (a near tie flips on rounding alone). None when they agree."""
+    a, b = ref.token_ids, m.token_ids
+    i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    if a == b or i >= len(ref.logits):
+        return None
+    top = torch.topk(ref.logits[i].float(), 2).values
+    return {"at": i, "gap": round(float(top[0] - top[1]), 4)}
 
 
 def run_bench(engine: Engine, config: BenchConfig) -> BenchResult:

@@ -37,7 +37,7 @@ class SpecConfig:
     """How to speculate. ``method``: off | ngram."""
 
     method: str = "ngram"
-    depth: int = 8  # most tokens along one branch
+    depth: int = 10  # most tokens along one branch
     nodes: int = 16  # most draft tokens verified in one pass
     max_n: int = 4  # longest n-gram looked up
     min_n: int = 2  # shortest
@@ -80,7 +80,7 @@ class Speculation:
     streak: int = 0  # verifications in a row that accepted nothing
     cooldown: int = 0  # steps left without drafting
     pause: int = 4  # the next cooldown's length
-    rate: float = 1.0  # running mean of accepted tokens per verification
+    rate: float = 3.0  # running mean of accepted tokens per verification (a hopeful start)
 
     @classmethod
     def start(cls, config: SpecConfig, prompt_ids) -> Speculation:
@@ -104,7 +104,7 @@ class Speculation:
             return DraftTree()
         left = dec.params.max_tokens - len(dec.token_ids)  # no point drafting past the answer's end
         depth = min(self.config.depth, left, dec.context_limit - dec.position - 2)
-        nodes = min(self.config.nodes, max(2, round(2 * self.rate) + 2))
+        nodes = min(self.config.nodes, max(4, round(2 * self.rate) + 4))
         if room is not None:  # a quantized cache can drop only what its fp16 residual holds
             nodes = min(nodes, room - 1)
         return self.drafter.propose(depth, nodes) if depth > 0 else DraftTree()
