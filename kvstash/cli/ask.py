@@ -9,6 +9,10 @@ from kvstash.cli.args import add_generation_args, open_engine, read_docs
 from kvstash.model.registry import DEFAULT_MODEL, list_models
 
 DEMO_QUESTION = "Which two elements did Marie Curie discover?"
+PLAYGROUND_HINT = (
+    "See blending in a browser: run `kvstash serve` and open the playground at http://127.0.0.1:8000/ "
+    "(your own documents, full prefill and blend side by side, the recomputed tokens highlighted)"
+)
 
 
 def _reuse(args) -> str:
@@ -90,7 +94,10 @@ def cmd_demo(args) -> int:
     print(f"Question: {args.question}\n")
     with open_engine(args) as engine:
         print("Answer: ", end="")
-        return answer(engine, args.question, docs, args)
+        status = answer(engine, args.question, docs, args)
+    if not args.json:
+        print(f"\n{PLAYGROUND_HINT}")
+    return status
 
 
 def cmd_models(args) -> int:

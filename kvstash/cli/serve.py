@@ -15,7 +15,7 @@ def register(sub) -> None:
         "serve",
         help="run the OpenAI-compatible HTTP server",
         description="Serve /v1/chat/completions, /v1/models and /v1/documents (register documents once, "
-        "reuse their KV in every chat that names them), plus /health and /metrics.",
+        "reuse their KV in every chat that names them), plus /health, /metrics and the browser playground at /.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")

@@ -74,9 +74,7 @@ class PartialPrefill(ReuseMethod):
         report.compute_s += time.perf_counter() - t
         for seg_idx in layout.segment[~layout.reused].unique().tolist():
             report.segments[seg_idx].recomputed = report.segments[seg_idx].tokens
-        for seg_idx, n in zip(*layout.segment[chosen].unique(return_counts=True), strict=True):
-            row = report.segments[int(seg_idx)]  # a chunk computed standalone just now counts whole
-            row.recomputed = max(row.recomputed, int(n))
+        _count_chosen(plan, layout, chosen, report)
         report.gate_fired = fired
         return Prefilled(cache, logits, report)
 
@@ -107,3 +105,18 @@ class NaiveReuse(PartialPrefill):
 
     def initial_active(self, layout: Layout) -> torch.Tensor:
         return ~layout.reused
+
+
+def _count_chosen(plan: PromptPlan, layout: Layout, chosen: torch.Tensor, report: PrefillReport) -> None:
+    """Count the reused tokens the pass recomputed per segment, keep their offsets where a segment was recomputed
+    in part, and keep the question's focus (blend's probe) over the whole prompt."""
+    idx = chosen.nonzero().squeeze(1)  # [C] rest indices of the chosen tokens
+    segs = layout.segment[idx]
+    for seg_idx in segs.unique().tolist():
+        positions = layout.start + idx[segs == seg_idx]
+        row = report.segments[seg_idx]  # a chunk computed standalone just now counts whole
+        row.recomputed = max(row.recomputed, len(positions))
+        if row.recomputed < row.tokens:
+            report.chosen[seg_idx] = (positions - plan.segments[seg_idx].start).tolist()
+    if layout.focus is not None:
+        report.focus = torch.cat([torch.zeros(layout.start), layout.focus])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from kvstash.prompt import PromptPlan
 
 
@@ -31,6 +33,11 @@ class PrefillReport:
     tier_hits: dict[str, int] = field(default_factory=dict)  # chunk lookups served, per tier
     misses: int = 0  # chunk lookups no tier could serve (computed instead)
     kv_head_bits: list | None = None  # [layer][kv head] = [key bits, value bits] with --kv-alloc mixed
+    # segment index -> offsets (within the segment) of the reused tokens blend chose to recompute, for the
+    # segments recomputed in part only: a segment recomputed whole or not at all is told by its counts
+    chosen: dict[int, list[int]] = field(default_factory=dict)
+    # [prompt_tokens] attention the question paid each token in blend's probe (None: no probe ran)
+    focus: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def for_plan(cls, method: str, plan: PromptPlan) -> PrefillReport:
@@ -40,6 +47,18 @@ class PrefillReport:
 
     def hit(self, tier: str) -> None:
         self.tier_hits[tier] = self.tier_hits.get(tier, 0) + 1
+
+    def recomputed_offsets(self, i: int) -> list[int]:
+        """Offsets within segment ``i`` of the tokens computed in this request: every token of a segment
+        computed whole (a missed chunk too), none of one reused as it was, blend's chosen ones of the rest."""
+        row = self.segments[i]
+        if row.recomputed >= row.tokens:
+            return list(range(row.tokens))
+        if row.recomputed == 0:
+            return []
+        offsets = self.chosen[i]
+        assert len(offsets) == row.recomputed, f"segment {i}: {len(offsets)} chosen offsets, {row.recomputed} counted"
+        return offsets
 
     @property
     def reused_tokens(self) -> int:

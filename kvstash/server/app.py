@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one engine, whose model worker batches requests.
 
-Routes: ``POST /v1/chat/completions`` (streamed or not; extension field ``documents``), ``GET /v1/models``,
-``POST /v1/documents``, ``GET``/``DELETE /v1/documents/{id}``, ``GET /health``, ``GET /metrics``.
+Routes: ``POST /v1/chat/completions`` (streamed or not; extension fields ``documents``, ``reuse``,
+``token_view``), ``GET /v1/models``, ``POST /v1/documents``, ``GET``/``DELETE /v1/documents/{id}``, ``GET /health``,
+``GET /metrics``, and the browser playground at ``GET /``.
 Every error is answered as OpenAI-style JSON (``{"error": {...}}``) with a 4xx/5xx status.
 """
 
@@ -26,6 +27,7 @@ from kvstash.server.metrics import CONTENT_TYPE, Metrics
 from kvstash.server.requestlog import RequestLog
 from kvstash.server.routes_chat import add_chat_routes
 from kvstash.server.routes_documents import add_document_routes
+from kvstash.server.routes_playground import add_playground_routes, browser_url
 from kvstash.server.schemas import (
     ModelCard,
     ModelList,
@@ -54,6 +56,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         started = {"event": "started", "model": st.model, "store": engine.config.store, "reuse": method.name}
         started |= {"registry": registry.kind, "dtype": engine.config.dtype, "max_batch": config.max_batch}
         started |= {"kv_budget": st.worker.scheduler.kv_budget, "url": f"http://{config.host}:{config.port}/v1"}
+        started["playground"] = browser_url(config.host, config.port)
         log.info(json.dumps(started))
         try:
             yield
@@ -67,6 +70,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     add_chat_routes(app, st)
     add_document_routes(app, st)
     _add_ops_routes(app, st)
+    add_playground_routes(app)
     return app
 
 
@@ -114,6 +118,7 @@ def serve(engine: Engine, config: ServerConfig) -> int:
             timeout_graceful_shutdown=config.shutdown_timeout_s,
         ),
         on_exit=app.state.kvstash.begin_shutdown,
+        on_started=lambda: print(f"kvstash: playground at {browser_url(config.host, config.port)}", flush=True),
     )
     # uvicorn re-raises the signal it shut down for once it is done; exit cleanly instead of dying by it
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,11 +132,16 @@ def serve(engine: Engine, config: ServerConfig) -> int:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, also telling kvstash when a shutdown signal arrives."""
+    """uvicorn's server, also telling kvstash when it listens and when a shutdown signal arrives."""
 
-    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit, on_started) -> None:
         super().__init__(config)
-        self._on_exit = on_exit
+        self._on_exit, self._on_started = on_exit, on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening (a port in use ends the server instead)
+            self._on_started()
 
     def handle_exit(self, sig: int, frame) -> None:
         super().handle_exit(sig, frame)

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from kvstash.engine import GenerationResult
 from kvstash.prompt import Segment
+from kvstash.reuse import ReuseMethod, make_method
 from kvstash.sampling import SamplingParams
 from kvstash.server.documents import Document
 from kvstash.server.schemas import (
@@ -63,6 +64,17 @@ def sampling_params(req: ChatRequest, context_limit: int) -> SamplingParams:
     )
 
 
+def reuse_method(spec: str | None, default: ReuseMethod, prefill_chunk: int) -> ReuseMethod:
+    """The request's reuse method: its ``reuse`` field, validated like ``--reuse`` (ApiError(400) naming the
+    methods when it is wrong); the server's own when omitted."""
+    if spec is None:
+        return default
+    try:
+        return make_method(spec, prefill_chunk)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="reuse", code="invalid_value") from None
+
+
 def build_segments(messages: list[Message], documents: list[Document]) -> list[Segment]:
     """System segment, the documents' chunks in order, then the conversation (see the module docstring)."""
     system = [m.text() for m in messages if m.role in ("system", "developer")]
@@ -88,14 +100,25 @@ def usage(result: GenerationResult) -> Usage:
     )
 
 
-def completion(rid: str, created: int, model: str, result: GenerationResult) -> ChatCompletion:
+def extension(result: GenerationResult, view: list[dict] | None = None, streamed: bool = False) -> dict:
+    """The response's ``kvstash`` field: the engine's summary (less the answer when it was streamed), and the
+    token view (:mod:`kvstash.server.tokenview`) when the request asked for it."""
+    out = result.summary()
+    if streamed:
+        del out["answer"]
+    if view is not None:
+        out["token_view"] = view
+    return out
+
+
+def completion(rid: str, created: int, model: str, result: GenerationResult, ext: dict) -> ChatCompletion:
     return ChatCompletion(
         id=rid,
         created=created,
         model=model,
         choices=[Choice(message=ChatMessage(content=result.text), finish_reason=result.finish_reason)],
         usage=usage(result),
-        kvstash=result.summary(),
+        kvstash=ext,
     )
 
 
@@ -105,8 +128,10 @@ class ChunkWriter:
     def __init__(self, rid: str, created: int, model: str) -> None:
         self.rid, self.created, self.model = rid, created, model
 
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        body = ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage)
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None, ext: dict | None = None) -> str:
+        body = ChatCompletionChunk(
+            id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage, kvstash=ext
+        )
         return event(body)
 
     def role(self) -> str:
@@ -115,8 +140,8 @@ class ChunkWriter:
     def delta(self, text: str) -> str:
         return self._chunk([ChunkChoice(delta=Delta(content=text))])
 
-    def finish(self, reason: str) -> str:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)])
+    def finish(self, reason: str, ext: dict | None = None) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)], ext=ext)
 
     def usage(self, result: GenerationResult) -> str:
         return self._chunk([], usage(result))

@@ -65,6 +65,8 @@ class ChatRequest(_Request):
     seed: StrictInt | None = None
     n: StrictInt | None = None  # only 1 is supported
     documents: list[StrictStr] = []  # kvstash extension: registered document ids, placed in this order
+    reuse: StrictStr | None = None  # kvstash extension: this request's reuse method (blend:0.15); None: the server's
+    token_view: StrictBool = False  # kvstash extension: the prompt's tokens and which were recomputed, in ``kvstash``
 
 
 class ChatMessage(BaseModel):
@@ -119,6 +121,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    kvstash: dict | None = None  # extension, on the chunk with the finish reason: as ChatCompletion's, less the answer
 
 
 class ModelCard(BaseModel):

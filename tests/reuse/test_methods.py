@@ -224,3 +224,24 @@ def test_a_cold_store_counts_every_chunk_computed(engine, source):
     docs = [s for s in warm.report.segments if s.kind == "document"]
     assert warm.report.misses == 0 and all(s.tier == "ram" and s.reused == s.tokens for s in docs)
     assert sum(s.recomputed for s in docs) == round(0.3 * sum(s.tokens for s in docs))
+
+
+def test_the_report_names_the_tokens_each_method_computed(engine, source):
+    """``recomputed_offsets``: blend's are exactly the document tokens left without the stale bias (the ones it
+    recomputed); naive's documents none, full's every token; the question's focus covers the whole prompt."""
+    cfg = BlendConfig(ratio=0.2, stale_bias=-0.5)
+    plan, _, (blend,) = _paired(engine, source, [cfg], order=(2, 0, 1))
+    bias = blend.cache.layer_bias(29)  # [KVH, n]
+    docs = [i for i, s in enumerate(plan.segments) if s.kind == "document"]
+    for i in docs:
+        seg, offsets = plan.segments[i], blend.report.recomputed_offsets(i)
+        fresh = (bias[:, seg.start : seg.end] == 0).all(dim=0).nonzero().squeeze(1).tolist()
+        assert offsets == fresh and 0 < len(offsets) == blend.report.segments[i].recomputed < len(seg.token_ids)
+    focus = blend.report.focus
+    assert focus.shape == (len(plan),) and float(focus[: plan.segments[docs[0]].start].abs().sum()) == 0
+    assert float(focus[plan.segments[docs[0]].start : plan.segments[docs[-1]].end].sum()) > 0
+    naive = NaiveReuse().prefill(engine.runner, plan, source).report
+    full = FullPrefill().prefill(engine.runner, plan).report
+    assert [naive.recomputed_offsets(i) for i in docs] == [[]] * len(docs) and naive.focus is None
+    for i, seg in enumerate(plan.segments):
+        assert full.recomputed_offsets(i) == list(range(len(seg.token_ids)))

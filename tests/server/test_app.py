@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -87,15 +88,24 @@ def start_servers(*servers: ServerProcess) -> None:
         s.wait_ready()
 
 
+@contextmanager
+def running_server(*args: str):
+    """A served kvstash (fp32, 3 s to shut down, plus ``args``), stopped and its log removed afterwards."""
+    s = ServerProcess("--shutdown-timeout", "3", "--dtype", "float32", *args)
+    start_servers(s)
+    try:
+        yield s
+    finally:
+        s.stop()
+        s.log_path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def server():
     # fp32, the exact reference: batched answers equal one-at-a-time ones bit for bit (in bf16, the default, a
     # batch's matmuls round differently; benchmarks/serving.py reports the share of identical answers there)
-    s = ServerProcess("--shutdown-timeout", "3", "--dtype", "float32")
-    start_servers(s)
-    yield s
-    s.stop()
-    s.log_path.unlink(missing_ok=True)
+    with running_server() as s:
+        yield s
 
 
 def post(server: ServerProcess, path: str, **kw) -> httpx.Response:
