@@ -77,6 +77,7 @@ def main() -> None:
             tier.delete(key)
 
         rows["swap to disk and back"] = timed(swap, args.repeats)
+        tier.close()  # push its counters while the directory still exists
     mib = cache.nbytes / 2**20
     print(f"prompt {n} tokens + {len(answer)} generated, {args.dtype}, KV {mib:.0f} MiB")
     print("| way back | seconds |\n|---|---|")

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py --out out/serving            # everything below, ~30 min
     .venv/bin/python benchmarks/serving.py --configs blend,full --workloads chat --levels 1,8
+    .venv/bin/python benchmarks/serving.py --configs blend,blend+spec --levels 1,8   # speculation in the batch
 
 Each server config starts as its own process on the same machine (2 threads). Workloads, the same requests
 in the same order for every config:
@@ -252,8 +253,10 @@ def server_for(config: str, port: int, args) -> Server:
 
         gguf = str(find_packaged_gguf(REGISTRY["smollm2-135m"]))
         return LlamaServer(config, port, gguf, max(int(x) for x in args.peer_levels.split(",")), 8192)
-    reuse, _, batch = config.partition("/")
+    method, _, batch = config.partition("/")
+    reuse, _, spec = method.partition("+")  # blend+spec: speculative decoding on (--speculate ngram)
     flags = ["--reuse", reuse, "--max-batch", "1" if batch == "unbatched" else str(args.max_batch)]
+    flags += ["--speculate", "ngram"] if spec == "spec" else []
     return Kvstash(config, port, store, [*common, *flags])
 
 

@@ -144,7 +144,7 @@ class Scheduler:
     def _plan(self) -> tuple[list[Rows], list[Sequence], list[tuple[Sequence, int]]]:
         """The rows of this step: every decoding sequence's token, then prefill passes in admission order."""
         decoding = [s for s in self.running if s.state is State.DECODE]
-        batch = [s.stepper.rows() for s in decoding]
+        batch = [s.stepper.rows(len(decoding)) for s in decoding]
         tokens, prefilling = sum(len(r.positions) for r in batch), []  # a draft tree brings several rows
         for seq in self.running:
             if seq.state is not State.PREFILL:

@@ -43,12 +43,18 @@ class SpecConfig:
     min_n: int = 2  # shortest
     misses: int = 3  # verifications in a row with nothing accepted before drafting pauses
     max_cooldown: int = 32  # longest pause, in steps
+    # drafting pauses in a step where more sequences than this decode together: a big batch already shares each
+    # weight read among its sequences, so draft rows would only add compute (vLLM disables speculation by
+    # batch size for the same reason)
+    max_batch: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATE:
             raise ValueError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.method!r}")
         if not 1 <= self.depth <= 64 or not 1 <= self.nodes <= 64:
             raise ValueError(f"depth and nodes must be in 1..64, got {self.depth} and {self.nodes}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"ngram sizes must satisfy 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
 
@@ -88,11 +94,14 @@ class Speculation:
         drafter.extend(prompt_ids)
         return cls(config, drafter)
 
-    def rows(self, dec: Decoding, cache: KVCache, hook: LayerHook | None = None) -> tuple[Rows, DraftTree]:
-        """The next pass's rows for this sequence: its pending token and, if there is one, a draft tree."""
+    def rows(
+        self, dec: Decoding, cache: KVCache, hook: LayerHook | None = None, crowd: int = 1
+    ) -> tuple[Rows, DraftTree]:
+        """The next pass's rows for this sequence: its pending token and, if there is one, a draft tree (none
+        when ``crowd``, the sequences decoding in this pass, is over ``config.max_batch``)."""
         self.drafter.extend(dec.token_ids[self.fed :])
         self.fed = len(dec.token_ids)
-        tree = self._draft(dec, cache.tail_room)
+        tree = self._draft(dec, cache.tail_room) if crowd <= self.config.max_batch else DraftTree()
         depths = tree.depths()
         ids = torch.tensor([dec.token, *tree.tokens])
         positions = torch.tensor([dec.position, *(dec.position + d for d in depths)])
@@ -157,12 +166,13 @@ class Stepper:
         """Whether :meth:`take` wants the logits of every row of the pass (else of the last one only)."""
         return self.speculation is not None
 
-    def rows(self) -> Rows:
+    def rows(self, crowd: int = 1) -> Rows:
+        """The rows of this sequence's next pass; ``crowd``: how many sequences decode in that pass."""
         dec = self.dec
         self._start = self.cache.length
         if self.speculation is None:
             return Rows(torch.tensor([dec.token]), torch.tensor([dec.position]), self.cache, hook=self.hook)
-        rows, self._tree = self.speculation.rows(dec, self.cache, self.hook)
+        rows, self._tree = self.speculation.rows(dec, self.cache, self.hook, crowd)
         return rows
 
     def take(self, logits: torch.Tensor) -> str:

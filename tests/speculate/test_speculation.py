@@ -135,6 +135,21 @@ def test_batched_speculation_answers_like_plain_one_at_a_time(spec_engine):
     assert sum(r.speculation["accepted"] for r in together) > 0
 
 
+def test_drafting_pauses_while_the_batch_is_crowded(spec_engine):
+    """Over ``max_batch`` sequences decoding at once nothing is drafted; fewer, and drafting resumes."""
+    params = SamplingParams(max_tokens=32)
+    prompts = _prompts()[:3]
+    alone = [spec_engine.generate(p, params, speculate="off") for p in prompts]
+    runs = {
+        cap: spec_engine.generate_many(prompts, params, speculate=SpecConfig(max_batch=cap), batch=BatchConfig())
+        for cap in (1, 2, len(prompts))
+    }
+    for results in runs.values():
+        assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+    drafted = {cap: sum(r.speculation["drafted"] for r in results) for cap, results in runs.items()}
+    assert drafted[1] <= drafted[2] <= drafted[len(prompts)] and drafted[1] < drafted[len(prompts)], drafted
+
+
 def test_speculation_stays_off_where_the_cache_evicts_while_decoding(spec_engine):
     res = spec_engine.generate(
         _prompts()[2], SamplingParams(max_tokens=12), evict="streaming:64:decode", speculate="ngram"
@@ -149,6 +164,7 @@ def test_speculation_config_and_parsing():
         ({"method": "eagle"}, "off, ngram"),
         ({"depth": 0}, "depth"),
         ({"min_n": 3, "max_n": 2}, "min_n"),
+        ({"max_batch": 0}, "max_batch"),
     ]:
         with pytest.raises(ValueError, match=match):
             SpecConfig(**bad)
