@@ -8,12 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from kvstash.detok import TextStream
 from kvstash.reuse.report import PrefillReport
-from kvstash.sampling import SamplingParams, sample, sample_with_drafts
+from kvstash.sampling import SamplingParams, sample, sample_with_drafts, token_logprobs
+
+
+class TopLogprob(NamedTuple):
+    token_id: int
+    token: str  # the token's text alone
+    logprob: float
+
+
+class TokenLogprob(NamedTuple):
+    """A chosen token's log-probability (log_softmax of the raw logits) and the likeliest alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...]  # SamplingParams.logprobs of them, likeliest first
+
+
+class TextDelta(NamedTuple):
+    """What one step of a sequence adds: its text, and the log-probabilities of the tokens chosen since the last
+    delta (None unless the request asked for them)."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -30,6 +54,7 @@ class GenerationResult:
     prefill: PrefillReport = field(repr=False)
     kv_bytes: int = 0  # K/V bytes of the prompt's decode cache after eviction / quantization (--evict, --kv-bits)
     speculation: dict | None = None  # forwards, drafted and accepted tokens of speculative decoding (None: off)
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when SamplingParams.logprobs asked
 
     def summary(self) -> dict:
         """The flat JSON view used by the CLI and the benchmarks."""
@@ -69,7 +94,11 @@ class Decoding:
         self.eos_ids = eos_ids
         self.context_limit = context_limit
         self.rng = params.generator()
+        self.tokenizer = tokenizer
         self.text = TextStream(tokenizer, params.stop)
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []  # one per answer token
+        self._sent = 0  # logprobs handed out by new_logprobs
+        self._chosen: TokenLogprob | None = None  # the last choice's, until it is pushed
         self.position = prompt_tokens  # where the next token to feed goes
         self.token: int | None = None  # the token to feed next (its KV is not cached yet)
         self.finish_reason: str | None = None
@@ -92,8 +121,25 @@ class Decoding:
         """The next token from ``logits`` [vocab]; with ``drafts`` (proposed tokens), by speculative sampling, so
         the choice has the same distribution as without them (greedy: the argmax either way)."""
         if drafts:
-            return sample_with_drafts(logits, self.params, self.rng, drafts)
-        return sample(logits, self.params, self.rng)
+            token = sample_with_drafts(logits, self.params, self.rng, drafts)
+        else:
+            token = sample(logits, self.params, self.rng)
+        if self.logprobs is not None:
+            self._chosen = self._logprob(logits, token)
+        return token
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logprob, top = token_logprobs(logits, token, self.params.logprobs)
+        text = self.tokenizer.decode
+        alternatives = tuple(TopLogprob(t, text([t]), lp) for t, lp in top)
+        return TokenLogprob(token, text([token]), logprob, alternatives)
+
+    def new_logprobs(self) -> list[TokenLogprob] | None:
+        """The answer tokens' log-probabilities not handed out before (None when the request did not ask)."""
+        if self.logprobs is None:
+            return None
+        new, self._sent = self.logprobs[self._sent :], len(self.logprobs)
+        return new
 
     def push(self, token: int) -> str:
         """Take ``token`` as the next one of the answer (the previous one counts as fed); returns its text."""
@@ -103,6 +149,8 @@ class Decoding:
         if token in self.eos_ids:
             self.finish_reason = "stop"
         else:
+            if self.logprobs is not None and self._chosen is not None and self._chosen.token_id == token:
+                self.logprobs.append(self._chosen)
             delta = self.text.push(token)
             if self.text.stopped:
                 self.finish_reason = "stop"
@@ -128,4 +176,5 @@ class Decoding:
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             prefill=report,
             kv_bytes=kv_bytes,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_LOGPROBS = 20  # alternatives per token, as in the OpenAI API
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,6 +20,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; k: each chosen token's log-probability and the k likeliest (<= 20)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -33,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
 
@@ -70,6 +75,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution :func:`sample` draws from (temperature, top-k, top-p applied): [V] float32."""
     return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under the model's own distribution (log_softmax of the raw logits [V],
+    before temperature and top-p), and the ``k`` likeliest tokens with theirs, likeliest first."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, k) if k else None
+    pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(lp[token]), pairs
 
 
 def sample_with_drafts(

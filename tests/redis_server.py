@@ -42,9 +42,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def server_args(self) -> list[str]:
+        return ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
     def start(self, timeout: float = 10.0) -> None:
         log = open(self._dir / "redis.log", "wb")  # noqa: SIM115 - kept open for the process
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = self.server_args()
         self._proc = subprocess.Popen(
             [REDIS_BINARY, *args, "--dir", str(self._dir)], stdout=log, stderr=subprocess.STDOUT
         )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from kvstash.cli.args import CODEC_HELP, STORE_HELP, add_model_args, add_speculate_arg
 from kvstash.reuse import DEFAULT_STORE
+
+API_KEY_ENV = "KVSTASH_API_KEY"
 
 
 def register(sub) -> None:
@@ -14,8 +17,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible HTTP server",
-        description="Serve /v1/chat/completions, /v1/models and /v1/documents (register documents once, "
-        "reuse their KV in every chat that names them), plus /health, /metrics and the browser playground at /.",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /v1/documents (register "
+        "documents once, reuse their KV in every request that names them), /tokenize and /detokenize, plus "
+        "/health, /metrics and the browser playground at /.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -62,7 +66,31 @@ def register(sub) -> None:
         metavar="SECONDS",
         help="on SIGTERM, how long the running generations may take to finish (default 10)",
     )
+    _add_security_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: ${API_KEY_ENV}, "
+        "else none: the API is open); /health, /metrics and the playground stay open, the playground asks for the key",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        metavar="LIST",
+        default="",
+        help="comma-separated browser origins allowed to call the API (CORS), e.g. https://app.example.com, or * "
+        "for any (default: none, no CORS headers; the playground is same-origin and needs none)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        metavar="BYTES",
+        default="8MiB",
+        help="larger request bodies get 413 (default 8MiB)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,6 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
         speculate=args.speculate,
+        api_key=args.api_key or None,
+        allowed_origins=tuple(args.allowed_origins.split(",")),
+        max_body_bytes=parse_size(args.max_body_bytes),
     )
     parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
     logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request

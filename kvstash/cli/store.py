@@ -13,7 +13,8 @@ from kvstash.cli.args import STORE_HELP
 # The store commands act on every record whatever model or codec wrote it, so they open the tiers with
 # a placeholder config; it is never used to read or write a chunk.
 _ADMIN_FINGERPRINT = "kvstash-store-admin"
-_STAT_COLUMNS = ("entries", "bytes", "hits", "misses", "evictions", "corrupt", "errors", "bytes_per_token")
+_STAT_COLUMNS = ("entries", "bytes", "tokens", "bytes_per_token", "hits", "misses", "evictions", "corrupt", "errors")
+_CODEC_COLUMNS = ("entries", "bytes", "tokens", "bytes_per_token")
 
 
 def _open(args):
@@ -51,12 +52,30 @@ def _stat_rows(store) -> list[dict]:
     return [{"tier": s.name, **asdict(s), "hit_rate": round(s.hit_rate, 4)} for s in store.stats()]
 
 
+def _stats_text(rows: list[dict]) -> str:
+    """The per-tier table, a table per codec when there are records, and where the counters come from."""
+    parts = [_table(rows, _STAT_COLUMNS)]
+    codec_rows = [{"tier": f"{r['tier']} {c}", **u} for r in rows for c, u in r["codecs"].items()]
+    if codec_rows:
+        parts.append("\nper codec (from the records' headers):\n" + _table(codec_rows, _CODEC_COLUMNS))
+    unreadable = [f"{r['tier']}: {r['unreadable']}" for r in rows if r["unreadable"]]
+    if unreadable:
+        parts.append(f"records with an unreadable header ({', '.join(unreadable)}): run store verify")
+    local = [r["tier"] for r in rows if r["counters"] == "process"]
+    parts.append(
+        "entries, bytes and tokens are read from the records; hits, misses, evictions, corrupt and errors "
+        "are every process's, kept with the tier"
+        + (f" (except {', '.join(local)}: this process's only)" if local else "")
+    )
+    return "\n".join(parts)
+
+
 def cmd_stats(args) -> int:
     with _open(args) as store:
         if args.verify:
             store.verify()
         rows = _stat_rows(store)
-    print(json.dumps(rows) if args.json else _table(rows, _STAT_COLUMNS))
+    print(json.dumps(rows) if args.json else _stats_text(rows))
     return 0
 
 
@@ -137,12 +156,14 @@ def register(sub) -> None:
         "store",
         help="inspect and maintain a chunk store",
         description="Look after the chunk store a spec names. These commands act on every record, "
-        "whatever model or codec wrote it. Hit and miss counters belong to the process that "
-        "counts them, and a ram tier lives only inside the process that holds it.",
+        "whatever model or codec wrote it. Stats read entries, bytes and tokens from the records; hit, "
+        "miss, corrupt, eviction and error counters are kept with a disk, redis or redis-cluster tier, so "
+        "they add up every process's. A ram tier (and its counters) lives only inside its process.",
     )
     actions = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     specs = [
-        ("stats", cmd_stats, "per-tier entries, bytes and counters", f"Print per tier: {', '.join(_STAT_COLUMNS)}."),
+        ("stats", cmd_stats, "per-tier entries, bytes, tokens and counters",
+         f"Print per tier: {', '.join(_STAT_COLUMNS)}; then per codec: {', '.join(_CODEC_COLUMNS)}."),
         ("ls", cmd_ls, "list the stored chunks", "List each tier's keys; --long reads every record."),
         ("verify", cmd_verify, "check every record, remove corrupt ones",
          "Read and check every record of every tier; remove and count the corrupt ones."),

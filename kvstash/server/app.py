@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one engine, whose model worker batches requests.
 
-Routes: ``POST /v1/chat/completions`` (streamed or not; extension fields ``documents``, ``reuse``,
-``token_view``), ``GET /v1/models``, ``POST /v1/documents``, ``GET``/``DELETE /v1/documents/{id}``, ``GET /health``,
-``GET /metrics``, and the browser playground at ``GET /``.
-Every error is answered as OpenAI-style JSON (``{"error": {...}}``) with a 4xx/5xx status.
+Routes: ``POST /v1/chat/completions`` (streamed or not; ``logprobs``; extension fields ``documents``, ``reuse``,
+``token_view``), ``POST /v1/completions``, ``GET /v1/models``, ``POST /v1/documents``, ``GET``/``DELETE
+/v1/documents/{id}``, ``POST /tokenize``, ``POST /detokenize``, ``GET /health``, ``GET /metrics``, and the browser
+playground at ``GET /``. With an API key, ``/v1/*``, ``/tokenize`` and ``/detokenize`` need it
+(:mod:`kvstash.server.security`). Every error is answered as OpenAI-style JSON (``{"error": {...}}``) with a
+4xx/5xx status.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from kvstash.server.errors import add_error_handlers
 from kvstash.server.metrics import CONTENT_TYPE, Metrics
 from kvstash.server.requestlog import RequestLog
 from kvstash.server.routes_chat import add_chat_routes
+from kvstash.server.routes_completions import add_completion_routes
 from kvstash.server.routes_documents import add_document_routes
 from kvstash.server.routes_playground import add_playground_routes, browser_url
+from kvstash.server.routes_tokens import add_token_routes
 from kvstash.server.schemas import (
     ModelCard,
     ModelList,
 )
+from kvstash.server.security import add_security
 from kvstash.server.state import ServerConfig, ServerState
 from kvstash.server.worker import Worker
 
@@ -57,6 +62,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         started |= {"registry": registry.kind, "dtype": engine.config.dtype, "max_batch": config.max_batch}
         started |= {"kv_budget": st.worker.scheduler.kv_budget, "url": f"http://{config.host}:{config.port}/v1"}
         started["playground"] = browser_url(config.host, config.port)
+        started |= {"auth": config.api_key is not None, "allowed_origins": list(config.allowed_origins)}
         log.info(json.dumps(started))
         try:
             yield
@@ -65,9 +71,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="kvstash", lifespan=lifespan)
     app.state.kvstash = st
-    app.add_middleware(RequestLog, metrics=st.metrics)
+    add_security(app, config.api_key, config.allowed_origins, config.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=st.metrics)  # outermost: refused requests are logged and counted too
     add_error_handlers(app)
     add_chat_routes(app, st)
+    add_completion_routes(app, st)
+    add_token_routes(app, st)
     add_document_routes(app, st)
     _add_ops_routes(app, st)
     add_playground_routes(app)

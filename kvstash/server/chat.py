@@ -10,15 +10,13 @@ single user message it is that message; with earlier turns, they are rendered fi
 
 from __future__ import annotations
 
-import json
-
-from pydantic import BaseModel
-
+from kvstash.decoding import TextDelta, TokenLogprob
 from kvstash.engine import GenerationResult
 from kvstash.prompt import Segment
 from kvstash.reuse import ReuseMethod, make_method
 from kvstash.sampling import SamplingParams
 from kvstash.server.documents import Document
+from kvstash.server.generation import event
 from kvstash.server.schemas import (
     ApiError,
     ChatCompletion,
@@ -26,25 +24,37 @@ from kvstash.server.schemas import (
     ChatMessage,
     ChatRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
+    CompletionRequest,
     Delta,
     Message,
     PromptTokensDetails,
     Usage,
 )
+from kvstash.server.schemas import TokenLogprob as TokenLogprobBody
+from kvstash.server.schemas import TopLogprob as TopLogprobBody
 
-DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens
+DEFAULT_MAX_TOKENS = 256  # when a chat request names no max_tokens
 MAX_STOP = 4  # stop strings per request, as in the OpenAI API
+CHARS_PER_TOKEN = 16  # a message longer than this many characters per token of context cannot fit
 
 
-def sampling_params(req: ChatRequest, context_limit: int) -> SamplingParams:
-    """The request's sampling parameters; ApiError(400) when one is out of range."""
+def sampling_params(
+    req: ChatRequest | CompletionRequest,
+    context_limit: int,
+    default_max: int = DEFAULT_MAX_TOKENS,
+    logprobs: int | None = None,
+) -> SamplingParams:
+    """The request's sampling parameters (``logprobs``: alternatives per token, None for none at all);
+    ApiError(400) when one is out of range."""
     if req.n not in (None, 1):
         raise ApiError(400, f"n={req.n} is not supported; kvstash returns one choice (n=1)", param="n")
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    newer = getattr(req, "max_completion_tokens", None)
+    param = "max_completion_tokens" if newer is not None else "max_tokens"
+    max_tokens = newer if newer is not None else req.max_tokens
     if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, context_limit - 1)
+        max_tokens = min(default_max, context_limit - 1)
     elif not 1 <= max_tokens < context_limit:
         raise ApiError(
             400,
@@ -61,7 +71,29 @@ def sampling_params(req: ChatRequest, context_limit: int) -> SamplingParams:
         top_p=req.top_p if req.top_p is not None else 1.0,
         seed=req.seed,
         stop=tuple(stop),
+        logprobs=logprobs,
     )
+
+
+def chat_logprobs(req: ChatRequest) -> int | None:
+    """How many alternatives per token the request asks for (None: no log-probabilities)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def check_messages(messages: list[Message], context_limit: int) -> None:
+    """ApiError(400) for a message that could never fit the model's context, before anything is tokenized."""
+    most = context_limit * CHARS_PER_TOKEN
+    for i, m in enumerate(messages):
+        if len(m.text()) > most:
+            raise ApiError(
+                400,
+                f"messages[{i}] is {len(m.text())} characters, more than the model's context of {context_limit} "
+                "tokens can hold; shorten it, or register long texts with POST /v1/documents",
+                param=f"messages.{i}",
+                code="context_length_exceeded",
+            )
 
 
 def reuse_method(spec: str | None, default: ReuseMethod, prefill_chunk: int) -> ReuseMethod:
@@ -111,19 +143,33 @@ def extension(result: GenerationResult, view: list[dict] | None = None, streamed
     return out
 
 
+def logprobs_body(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    """Log-probabilities in the chat API's shape (``content``: one entry per token)."""
+    if entries is None:
+        return None
+
+    def top(token: str, logprob: float) -> TopLogprobBody:
+        return TopLogprobBody(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    content = [
+        TokenLogprobBody(**top(e.token, e.logprob).model_dump(), top_logprobs=[top(t.token, t.logprob) for t in e.top])
+        for e in entries
+    ]
+    return ChoiceLogprobs(content=content)
+
+
 def completion(rid: str, created: int, model: str, result: GenerationResult, ext: dict) -> ChatCompletion:
-    return ChatCompletion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[Choice(message=ChatMessage(content=result.text), finish_reason=result.finish_reason)],
-        usage=usage(result),
-        kvstash=ext,
+    choice = Choice(
+        message=ChatMessage(content=result.text),
+        finish_reason=result.finish_reason,
+        logprobs=logprobs_body(result.logprobs),
     )
+    return ChatCompletion(id=rid, created=created, model=model, choices=[choice], usage=usage(result), kvstash=ext)
 
 
 class ChunkWriter:
-    """Server-sent events of one streamed completion (``data: {chat.completion.chunk}``, then ``[DONE]``)."""
+    """Server-sent events of one streamed chat completion (``data: {chat.completion.chunk}``); a
+    :class:`kvstash.server.generation.Writer`."""
 
     def __init__(self, rid: str, created: int, model: str) -> None:
         self.rid, self.created, self.model = rid, created, model
@@ -134,23 +180,15 @@ class ChunkWriter:
         )
         return event(body)
 
-    def role(self) -> str:
+    def opening(self) -> str:
         return self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
 
-    def delta(self, text: str) -> str:
-        return self._chunk([ChunkChoice(delta=Delta(content=text))])
+    def delta(self, delta: TextDelta) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(content=delta.text), logprobs=logprobs_body(delta.logprobs))])
 
-    def finish(self, reason: str, ext: dict | None = None) -> str:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)], ext=ext)
+    def finish(self, result: GenerationResult, logprobs: list[TokenLogprob] | None, ext: dict) -> str:
+        choice = ChunkChoice(delta=Delta(), finish_reason=result.finish_reason, logprobs=logprobs_body(logprobs))
+        return self._chunk([choice], ext=ext)
 
     def usage(self, result: GenerationResult) -> str:
         return self._chunk([], usage(result))
-
-
-def event(body: BaseModel | dict) -> str:
-    """One server-sent event carrying ``body`` as JSON (None fields left out)."""
-    text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
-    return f"data: {text}\n\n"
-
-
-DONE = "data: [DONE]\n\n"

@@ -1,10 +1,16 @@
-"""Server metrics in the Prometheus text exposition format (version 0.0.4), written by hand."""
+"""Server metrics, exposed through ``prometheus_client``: the request handlers and the model worker count here;
+a collector on the app's own :class:`CollectorRegistry` (several apps may live in one process) turns the counts,
+the store's per-tier counters and the queue into metric families when ``/metrics`` is read, next to the
+standard ``process_*`` metrics."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from kvstash.batch.scheduler import Scheduler, StepStats
 from kvstash.batch.sequence import Sequence as BatchSequence
@@ -16,9 +22,12 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 TPOT_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # seconds per output token after the first
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sequences decoding in one step
+TOKEN_KINDS = ("prompt", "completion", "reused", "recomputed")
 
 
 class Histogram:
+    """Observations counted per bucket; :meth:`family` is the Prometheus view (cumulative buckets)."""
+
     def __init__(self, buckets: Sequence[float]) -> None:
         self.buckets = tuple(buckets)
         self.counts = [0] * len(self.buckets)  # per bucket, not cumulative
@@ -33,17 +42,17 @@ class Histogram:
         self.total += 1
         self.sum += value
 
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
+    def family(self, name: str, help_: str) -> HistogramMetricFamily:
+        buckets, running = [], 0
         for le, n in zip(self.buckets, self.counts, strict=True):
             running += n
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.total}"]
-        return out
+            buckets.append((str(le), running))
+        buckets.append(("+Inf", self.total))
+        return HistogramMetricFamily(name, help_, buckets=buckets, sum_value=self.sum)
 
 
 class Metrics:
-    """Counters the request handlers update; ``render`` adds the store's per-tier counters and the queue."""
+    """Counters the request handlers and the worker update; :meth:`render` is the ``/metrics`` text."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -56,6 +65,10 @@ class Metrics:
         self.queue = Histogram(QUEUE_BUCKETS)
         self.preemptions = 0
         self.steps = 0
+        self._live: tuple[Sequence[TierStats], int, int] = ((), 0, 0)  # tiers, queued, running: set by render
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)
 
     def request(self, method: str, route: str, status: int) -> None:
         with self._lock:
@@ -89,54 +102,88 @@ class Metrics:
                 self.tpot.observe(seq.result.decode_s / (seq.result.completion_tokens - 1))
 
     def render(self, tiers: Sequence[TierStats], queued: int, running: int) -> str:
+        """The Prometheus text of every metric, with the store's tiers and the queue as they are now."""
         with self._lock:
-            lines = _family("kvstash_requests_total", "counter", "HTTP requests by method, route and status.")
-            for (method, route, status), n in sorted(self.requests.items()):
-                lines.append(f'kvstash_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-            lines += _family("kvstash_ttft_seconds", "histogram", "Request arrival to first token (queue included).")
-            lines += self.ttft.lines("kvstash_ttft_seconds")
-            lines += _family(
-                "kvstash_tokens_total", "counter", "Tokens by kind: prompt, completion, reused, recomputed."
-            )
-            for kind in ("prompt", "completion", "reused", "recomputed"):
-                lines.append(f'kvstash_tokens_total{{kind="{kind}"}} {self.tokens[kind]}')
-            share = self.tokens["recomputed"] / self.tokens["prompt"] if self.tokens["prompt"] else 0.0
-            lines += _family("kvstash_recomputed_share", "gauge", "Recomputed prompt tokens / prompt tokens.")
-            lines.append(f"kvstash_recomputed_share {share:.6f}")
-            lines += _family("kvstash_generations_total", "counter", "Generations by how they ended.")
-            for reason, n in sorted(self.generations.items()):
-                lines.append(f'kvstash_generations_total{{reason="{reason}"}} {n}')
-            lines += self._batch_lines()
-        names = [t.name for t in tiers]
-        labels = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # two disk tiers
-        for field, kind, help_ in (
-            ("hits", "counter", "Chunk store lookups answered, per tier."),
-            ("misses", "counter", "Chunk store lookups not answered, per tier."),
-            ("entries", "gauge", "Chunk records held, per tier."),
-            ("bytes", "gauge", "Bytes of chunk records held, per tier."),
-        ):
-            name = f"kvstash_cache_{field}_total" if kind == "counter" else f"kvstash_cache_{field}"
-            lines += _family(name, kind, help_)
-            lines += [f'{name}{{tier="{label}"}} {getattr(t, field)}' for label, t in zip(labels, tiers, strict=True)]
-        lines += _family("kvstash_queue_depth", "gauge", "Requests waiting for a place in the batch.")
-        lines.append(f"kvstash_queue_depth {queued}")
-        lines += _family("kvstash_running", "gauge", "Requests in the batch (prefilling or decoding).")
-        lines.append(f"kvstash_running {running}")
-        return "\n".join(lines) + "\n"
-
-    def _batch_lines(self) -> list[str]:
-        lines = _family("kvstash_batch_size", "histogram", "Sequences decoding together, per batched step.")
-        lines += self.batch_size.lines("kvstash_batch_size")
-        lines += _family("kvstash_time_per_output_token_seconds", "histogram", "Decode time per token, per request.")
-        lines += self.tpot.lines("kvstash_time_per_output_token_seconds")
-        lines += _family("kvstash_queue_seconds", "histogram", "Arrival to admission into the batch, per request.")
-        lines += self.queue.lines("kvstash_queue_seconds")
-        lines += _family("kvstash_preemptions_total", "counter", "Requests preempted to stay in the KV budget.")
-        lines.append(f"kvstash_preemptions_total {self.preemptions}")
-        lines += _family("kvstash_steps_total", "counter", "Batched steps run.")
-        lines.append(f"kvstash_steps_total {self.steps}")
-        return lines
+            self._live = (tuple(tiers), queued, running)
+        return generate_latest(self.registry).decode()
 
 
-def _family(name: str, kind: str, help_: str) -> list[str]:
-    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+class _Collector:
+    """The kvstash metric families, read from a :class:`Metrics` when the registry is collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        with self.m._lock:
+            yield from self._requests()
+            yield from self._batch()
+            tiers, queued, running = self.m._live
+        yield from _tier_families(tiers)
+        yield GaugeMetricFamily("kvstash_queue_depth", "Requests waiting for a place in the batch.", value=queued)
+        yield GaugeMetricFamily("kvstash_running", "Requests in the batch (prefilling or decoding).", value=running)
+
+    def _requests(self) -> Iterator[Metric]:
+        m = self.m
+        requests = CounterMetricFamily(
+            "kvstash_requests_total", "HTTP requests by method, route and status.", labels=["method", "route", "status"]
+        )
+        for (method, route, status), n in sorted(m.requests.items()):
+            requests.add_metric([method, route, str(status)], n)
+        yield requests
+        yield m.ttft.family("kvstash_ttft_seconds", "Request arrival to first token (queue included).")
+        tokens = CounterMetricFamily(
+            "kvstash_tokens_total", "Tokens by kind: prompt, completion, reused, recomputed.", labels=["kind"]
+        )
+        for kind in TOKEN_KINDS:
+            tokens.add_metric([kind], m.tokens[kind])
+        yield tokens
+        prompt = m.tokens["prompt"]
+        recomputed, reused = (m.tokens["recomputed"] / prompt, m.tokens["reused"] / prompt) if prompt else (0.0, 0.0)
+        yield GaugeMetricFamily(
+            "kvstash_recomputed_share", "Recomputed prompt tokens / prompt tokens.", value=recomputed
+        )
+        yield GaugeMetricFamily(
+            "kvstash_reused_share", "Prompt tokens whose KV came from the store / prompt tokens.", value=reused
+        )
+        reasons = CounterMetricFamily("kvstash_generations_total", "Generations by how they ended.", labels=["reason"])
+        for reason, n in sorted(m.generations.items()):
+            reasons.add_metric([reason], n)
+        yield reasons
+
+    def _batch(self) -> Iterator[Metric]:
+        m = self.m
+        yield m.batch_size.family("kvstash_batch_size", "Sequences decoding together, per batched step.")
+        yield m.tpot.family("kvstash_time_per_output_token_seconds", "Decode time per token, per request.")
+        yield m.queue.family("kvstash_queue_seconds", "Arrival to admission into the batch, per request.")
+        yield CounterMetricFamily(
+            "kvstash_preemptions_total", "Requests preempted to stay in the KV budget.", value=m.preemptions
+        )
+        yield CounterMetricFamily("kvstash_steps_total", "Batched steps run.", value=m.steps)
+
+
+def _tier_families(tiers: Sequence[TierStats]) -> Iterator[Metric]:
+    """Per-tier hits, misses, entries and bytes; and the hit rate of all lookups (a lookup tries the tiers in
+    order: it is a hit in one of them, or a miss in the last)."""
+    names = [t.name for t in tiers]
+    labels = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # two disk tiers
+    for field, kind, help_ in (
+        ("hits", "counter", "Chunk store lookups answered, per tier."),
+        ("misses", "counter", "Chunk store lookups not answered, per tier."),
+        ("entries", "gauge", "Chunk records held, per tier."),
+        ("bytes", "gauge", "Bytes of chunk records held, per tier."),
+    ):
+        if kind == "counter":
+            family = CounterMetricFamily(f"kvstash_cache_{field}_total", help_, labels=["tier"])
+        else:
+            family = GaugeMetricFamily(f"kvstash_cache_{field}", help_, labels=["tier"])
+        for label, t in zip(labels, tiers, strict=True):
+            family.add_metric([label], getattr(t, field))
+        yield family
+    hits = sum(t.hits for t in tiers)
+    lookups = hits + (tiers[-1].misses if tiers else 0)
+    yield GaugeMetricFamily(
+        "kvstash_cache_hit_rate",
+        "Chunk store lookups answered by some tier / all lookups.",
+        value=hits / lookups if lookups else 0.0,
+    )

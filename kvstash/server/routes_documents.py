@@ -1,14 +1,16 @@
 """``/v1/documents``: register a document (its chunks' KV computed on the model worker), read it back, forget it;
-and looking up the documents a chat names."""
+looking up the documents a chat names; and the registry's outage counters in ``/metrics``."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client.core import CounterMetricFamily, Metric
 
-from kvstash.server.documents import Document, compute_document, valid_id
+from kvstash.server.documents import Document, DocumentRegistry, RegistryCounts, compute_document, valid_id
 from kvstash.server.errors import job_error
 from kvstash.server.requestlog import log_fields
 from kvstash.server.schemas import (
@@ -43,7 +45,25 @@ def _not_found(doc_id: str) -> ApiError:
     return ApiError(404, f"document {doc_id!r} not found", param="id", code="document_not_found")
 
 
+class RegistryCollector:
+    """The document registry's outage counters (:class:`RegistryCounts`; zeros without a shared registry)."""
+
+    def __init__(self, registry: DocumentRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        counts = getattr(self.registry, "counts", None) or RegistryCounts()
+        for name, value, help_ in (
+            ("fallbacks", counts.fallbacks, "Document reads answered from this server's copy: shared registry down."),
+            ("writebacks", counts.writebacks, "Documents the shared registry had lost, written back on use."),
+            ("errors", counts.errors, "Shared document registry operations that failed or were skipped."),
+        ):
+            yield CounterMetricFamily(f"kvstash_registry_{name}_total", help_, value=value)
+
+
 def add_document_routes(app: FastAPI, st: ServerState) -> None:
+    st.metrics.registry.register(RegistryCollector(st.registry))
+
     @app.post("/v1/documents")
     async def create_document(body: DocumentRequest, request: Request) -> DocumentInfo:
         if not body.text.strip():

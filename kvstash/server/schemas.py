@@ -25,6 +25,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_MESSAGES = 512  # messages in one chat request
+MAX_DOCUMENT_CHARS = 2_000_000  # characters of one registered document's text
+MAX_TOP_LOGPROBS = 20
+
+
 class _Request(BaseModel):
     # clients send many optional OpenAI fields we do not use (user, metadata, store, ...): ignore them
     model_config = ConfigDict(extra="ignore")
@@ -52,7 +57,7 @@ class StreamOptions(_Request):
 
 
 class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: StrictStr | None = None  # None: the served model
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -64,6 +69,8 @@ class ChatRequest(_Request):
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = None  # only 1 is supported
+    logprobs: StrictBool | None = False  # each answer token's log-probability, in choices[].logprobs.content
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs: alternatives per token
     documents: list[StrictStr] = []  # kvstash extension: registered document ids, placed in this order
     reuse: StrictStr | None = None  # kvstash extension: this request's reuse method (blend:0.15); None: the server's
     token_view: StrictBool = False  # kvstash extension: the prompt's tokens and which were recomputed, in ``kvstash``
@@ -85,11 +92,25 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -111,7 +132,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -137,7 +158,7 @@ class ModelList(BaseModel):
 
 
 class DocumentRequest(_Request):
-    text: StrictStr
+    text: StrictStr = Field(max_length=MAX_DOCUMENT_CHARS)
 
 
 class DocumentInfo(BaseModel):
@@ -152,3 +173,71 @@ class DocumentDeleted(BaseModel):
     id: str
     object: Literal["document"] = "document"
     deleted: bool = True
+
+
+# --- /v1/completions ----------------------------------------------------------------------------------
+
+
+class CompletionRequest(_Request):
+    prompt: StrictStr | list[StrictInt]  # text, or token ids
+    model: StrictStr | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # greedy when omitted
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: StrictInt | None = None  # 16 when omitted, as in the OpenAI API
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    n: StrictInt | None = None  # only 1 is supported
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # the chosen token's and this many likeliest per token
+    echo: StrictBool = False  # only False is supported
+    documents: list[StrictStr] = []  # kvstash extension: their chunks go before the prompt, in this order
+    reuse: StrictStr | None = None  # kvstash extension, as in chat
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    kvstash: dict | None = None  # extension, as in chat
+
+
+# --- /tokenize, /detokenize (vLLM's shapes) ----------------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    prompt: StrictStr
+    model: StrictStr | None = None
+    add_special_tokens: StrictBool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[StrictInt]
+    model: StrictStr | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -38,6 +38,9 @@ class ServerConfig:
     speculate: str = "off"  # speculative decoding of answers: off | ngram
     chunk_tokens: int = 256  # about how many tokens one document chunk holds
     shutdown_timeout_s: int = 10  # on SIGTERM, how long the running generation may take to finish
+    api_key: str | None = field(default=None, repr=False)  # None: open; else Bearer KEY on /v1/*, /tokenize, ...
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none: no CORS headers
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -48,6 +51,11 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout_s must be >= 1, got {self.shutdown_timeout_s}")
         if self.chunk_tokens < 16:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; pass a non-empty key, or none to leave the API open")
+        object.__setattr__(self, "allowed_origins", tuple(o.strip() for o in self.allowed_origins if o.strip()))
         make_method(self.reuse)  # ValueError naming the known methods, before the model loads
         self.batch  # noqa: B018 - ValueError for a bad batch size, token budget or KV budget
         SpecConfig.parse(self.speculate)  # ValueError naming the choices

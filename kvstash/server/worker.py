@@ -3,7 +3,7 @@
 The engine is not thread-safe, so everything that touches the model happens on this thread: generations
 (added to the :class:`~kvstash.batch.scheduler.Scheduler`, which runs all of them together, one batched pass
 per step) and other jobs such as computing a document's KV (run between two steps). A request handler talks
-to it through a :class:`Job`: zero or more ``("delta", text)`` events, then ``("done", result)`` or
+to it through a :class:`Job`: zero or more ``("delta", TextDelta)`` events, then ``("done", result)`` or
 ``("error", exception)``. A job whose client went away is cancelled: dropped from the queue, or stopped at
 the next step.
 """
@@ -23,6 +23,7 @@ from typing import Any
 from kvstash.batch.scheduler import Scheduler, StepStats
 from kvstash.batch.sequence import Sequence
 from kvstash.compress.pipeline import Compression
+from kvstash.decoding import TextDelta
 from kvstash.reuse.base import ReuseMethod
 from kvstash.sampling import SamplingParams
 from kvstash.speculate.speculation import SpecConfig
@@ -241,7 +242,7 @@ class Worker:
         job = seq.tag
         if job.first_token_at is None:
             job.started_at, job.first_token_at = seq.admitted, seq.first_token_at
-        job.emit("delta", text)
+        job.emit("delta", TextDelta(text, seq.dec.new_logprobs()))
 
     def _done(self, seq: Sequence) -> None:
         job = seq.tag

@@ -1,7 +1,8 @@
-"""Content-addressed chunk KV store: tiers in RAM, on disk and in Redis."""
+"""Content-addressed chunk KV store: tiers in RAM, on disk, in Redis and in a Redis Cluster."""
 
 from kvstash.store.base import Hit, StoreConfig, Tier, TierStats, VerifyResult
 from kvstash.store.chunk import ChunkKV
+from kvstash.store.cluster_tier import RedisClusterTier
 from kvstash.store.codec import Codec
 from kvstash.store.codec_registry import CODECS, get_codec, register_codec
 from kvstash.store.disk import DiskTier
@@ -16,6 +17,7 @@ from kvstash.store.record import (
     encode_record,
 )
 from kvstash.store.redis_tier import RedisTier
+from kvstash.store.scan import CodecUsage
 from kvstash.store.spec import SPEC_SYNTAX, TierSpec, open_store, parse_size, parse_spec
 from kvstash.store.tiered import TieredStore
 
@@ -25,6 +27,7 @@ __all__ = [
     "SPEC_SYNTAX",
     "CODECS",
     "Codec",
+    "CodecUsage",
     "ChunkKV",
     "CorruptRecord",
     "DiskTier",
@@ -32,6 +35,7 @@ __all__ = [
     "Prefetcher",
     "RamTier",
     "Record",
+    "RedisClusterTier",
     "RedisTier",
     "StoreConfig",
     "Tier",

@@ -1,7 +1,8 @@
 """The tier interface: a dict from chunk key to an encoded record that lives somewhere (RAM, disk, Redis).
 
 :class:`Tier` owns the shared work (encode, checksum and key verification, token-id comparison, counters);
-a tier subclass supplies only byte storage: ``_read``, ``_write``, ``_remove``, ``_iter_keys``, ``_usage``.
+a tier subclass supplies only byte storage: ``_read``, ``_write``, ``_remove``, ``_iter_keys``, ``_heads``,
+and where its counters live (``_make_counters``: this process's, or shared through the backend).
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 from kvstash.store.chunk import ChunkKV
 from kvstash.store.codec_registry import get_codec
+from kvstash.store.counters import Counters
 from kvstash.store.record import CorruptRecord, chunk_key, decode_record, encode_record
+from kvstash.store.scan import CodecUsage, HeadInfo, summarize
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,9 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class TierStats:
-    name: str  # tier kind: ram, disk, redis
+    """A tier's contents, read from its records (every process's), and its event counters."""
+
+    name: str  # tier kind: ram, disk, redis, redis-cluster
     entries: int  # records held now
     bytes: int  # bytes of records held now (encoded, headers included)
     hits: int  # gets that returned a chunk
@@ -52,8 +58,12 @@ class TierStats:
     errors: int  # backend failures (I/O, network) turned into misses or skipped writes
     rejected: int  # puts not stored because one record is larger than the whole budget
     puts: int  # records written
-    bytes_per_token: float  # mean record bytes per token over records written or served by this process
+    bytes_per_token: float  # record bytes per token over the records held now (readable headers)
     budget_bytes: int | None = None  # byte budget; None = unbounded (or bounded by the backend)
+    tokens: int = 0  # tokens in the records held now
+    unreadable: int = 0  # records held whose header is damaged or foreign (verify removes them)
+    codecs: dict[str, CodecUsage] = field(default_factory=dict)  # entries, bytes, tokens per codec
+    counters: str = "shared"  # "shared": counts of every process using the tier; "process": this one's
 
     @property
     def hit_rate(self) -> float:
@@ -75,20 +85,6 @@ class Hit(NamedTuple):
     blob: bytes | bytearray
 
 
-@dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    corrupt: int = 0
-    errors: int = 0
-    rejected: int = 0
-    puts: int = 0
-    token_bytes: int = 0  # record bytes behind bytes_per_token
-    tokens: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
 class Tier(ABC):
     """One storage level. Every public method is thread-safe and never raises for backend trouble:
     a failure is a miss (get) or a skipped write (put), counted in :meth:`stats`.
@@ -102,8 +98,10 @@ class Tier(ABC):
             raise ValueError(f"{self.name} budget must be a positive number of bytes, got {budget_bytes}")
         self.config = config
         self.budget_bytes = budget_bytes
-        self._c = _Counters()
-        self._failing = False  # in an outage: warn once when it starts, once when it ends
+        self.counters = self._make_counters()
+        weakref.finalize(self, self.counters.close)  # push pending counts when dropped or at exit
+        self._failing: set[str] = set()  # parts in an outage ("" = the whole backend, or a cluster node)
+        self._failing_lock = threading.Lock()
 
     # --- what a tier supplies -------------------------------------------------------------------
 
@@ -124,8 +122,12 @@ class Tier(ABC):
         """Keys held now (a snapshot is fine)."""
 
     @abstractmethod
-    def _usage(self) -> tuple[int, int]:
-        """(entries, bytes) held now."""
+    def _heads(self) -> Iterator[tuple[int, HeadInfo | None]]:
+        """(size, parsed header) of every record held now, reading headers only (see :mod:`.scan`)."""
+
+    def _make_counters(self) -> Counters:
+        """Where the event counters live; this process's unless a tier shares them through its backend."""
+        return Counters()
 
     def _contains(self, key: str) -> bool:
         return self._read(key, touch=False) is not None
@@ -142,8 +144,8 @@ class Tier(ABC):
         return 0
 
     def close(self) -> None:
-        """Release connections or handles; the tier is not used afterwards."""
-        return None
+        """Push pending counts, release connections or handles; the tier is not used afterwards."""
+        self.counters.close()
 
     # --- the shared interface -------------------------------------------------------------------
 
@@ -172,14 +174,14 @@ class Tier(ABC):
         the budget needs room. Returns whether it was stored."""
         _check_key(key)
         blob = encode_record(key, self.config.model_fingerprint, self.config.codec, chunk)
-        return self.put_blob(key, blob, chunk.num_tokens)
+        return self.put_blob(key, blob)
 
-    def put_blob(self, key: str, blob: bytes, num_tokens: int) -> bool:
+    def put_blob(self, key: str, blob: bytes | bytearray) -> bool:
         """Store an already-encoded record (from :func:`encode_record` or another tier's :class:`Hit`)."""
         _check_key(key)
         stored = self._write(key, bytes(blob))
         if stored:
-            self._count(puts=1, token_bytes=len(blob), tokens=num_tokens)
+            self._count(puts=1)
         return stored
 
     def contains(self, key: str) -> bool:
@@ -217,41 +219,44 @@ class Tier(ABC):
         return VerifyResult(checked, ok, removed)
 
     def stats(self) -> TierStats:
-        entries, nbytes = self._usage()
-        c = self._c
-        with c.lock:
-            counts = {f.name: getattr(c, f.name) for f in fields(c) if f.name != "lock"}
-        token_bytes, tokens = counts.pop("token_bytes"), counts.pop("tokens")
+        """Entries, bytes, tokens per codec from the records held now (headers only), and the counters
+        (every process's for a shared tier: pending counts are pushed first)."""
+        usage = summarize(self._heads())
         return TierStats(
             name=self.name,
-            entries=entries,
-            bytes=nbytes,
-            bytes_per_token=token_bytes / tokens if tokens else 0.0,
+            entries=usage.entries,
+            bytes=usage.bytes,
+            bytes_per_token=usage.bytes_per_token,
             budget_bytes=self.budget_bytes,
-            **counts,
+            tokens=usage.tokens,
+            unreadable=usage.unreadable,
+            codecs=usage.codecs,
+            counters=self.counters.scope,
+            **self.counters.totals(),
         )
 
     # --- helpers for subclasses -----------------------------------------------------------------
 
     def _count(self, **deltas: int) -> None:
-        with self._c.lock:
-            for name, delta in deltas.items():
-                setattr(self._c, name, getattr(self._c, name) + delta)
+        self.counters.add(**deltas)
 
-    def _backend_error(self, op: str, err: BaseException) -> None:
-        """Count a backend failure; log a warning at the first one of an outage only."""
+    def _backend_error(self, op: str, err: BaseException, where: str = "") -> None:
+        """Count a backend failure; log a warning at the first one of an outage (of ``where``) only."""
         self._count(errors=1)
-        with self._c.lock:
-            first, self._failing = not self._failing, True
+        with self._failing_lock:
+            first = where not in self._failing
+            self._failing.add(where)
         if first:
-            log.warning("%s tier: %s failed (%s); treating as a miss until it recovers", self.name, op, err)
+            at = f" at {where}" if where else ""
+            log.warning("%s tier: %s%s failed (%s); treating as a miss until it recovers", self.name, op, at, err)
 
-    def _backend_ok(self) -> None:
-        if self._failing:
-            with self._c.lock:
-                was, self._failing = self._failing, False
+    def _backend_ok(self, where: str = "") -> None:
+        if where in self._failing:
+            with self._failing_lock:
+                was = where in self._failing
+                self._failing.discard(where)
             if was:
-                log.warning("%s tier: working again", self.name)
+                log.warning("%s tier: working again%s", self.name, f" at {where}" if where else "")
 
     def _verify_hit(self, key: str, token_ids: Sequence[int], blob: bytes | bytearray | None) -> Hit | None:
         if blob is None:
@@ -267,7 +272,7 @@ class Tier(ABC):
         if chunk.token_ids != _as_ids(token_ids) or record.model_fingerprint != self.config.model_fingerprint:
             self._count(misses=1)  # a key collision or a caller's stale key: never serve it
             return None
-        self._count(hits=1, token_bytes=len(blob), tokens=chunk.num_tokens)
+        self._count(hits=1)
         return Hit(chunk, self.name, blob)
 
     def _drop_corrupt(self, key: str, err: CorruptRecord) -> None:

@@ -7,6 +7,8 @@ the directory rescans it and orders records by mtime.
 
 Several processes may share a directory. Each keeps its own index of sizes and recency; a process sees
 another's files when it reads them and on :meth:`DiskTier.gc`, which rescans and re-applies the budget.
+Stats read the directory itself (record headers only), and the event counters are shared through
+``.kvstash-counters.json`` in the directory (:class:`kvstash.store.counters.FileCounters`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvstash.store.base import KEY_RE, StoreConfig, Tier
+from kvstash.store.counters import Counters, FileCounters
+from kvstash.store.scan import HeadInfo, header_end, parse_head
 
 SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
 STALE_TMP_SECONDS = 600  # gc() removes temp files older than this (left by a crashed writer)
+HEAD_READ = 1024  # first read of a record for stats (enough for scan.parse_head's fast path)
 
 
 class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, config: StoreConfig, root: str | os.PathLike, budget_bytes: int | None = None) -> None:
-        super().__init__(config, budget_bytes)
         self.root = Path(root).expanduser()
+        super().__init__(config, budget_bytes)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -41,6 +46,7 @@ class DiskTier(Tier):
         self._bytes = 0  # sum of sizes in _index
         self._clock_ns = 0  # last mtime this process set; keeps its own touches strictly ordered
         self._lock = threading.Lock()  # guards _index, _bytes, _clock_ns
+        self._head_cache: dict[str, tuple[tuple[int, int, int], HeadInfo | None]] = {}  # key -> (file id, head)
         self._rescan()
 
     def _path(self, key: str) -> Path:
@@ -102,9 +108,33 @@ class DiskTier(Tier):
     def _iter_keys(self) -> Iterator[str]:
         return iter([key for key, _ in self._list_files()])
 
-    def _usage(self) -> tuple[int, int]:
-        with self._lock:
-            return len(self._index), self._bytes
+    def _make_counters(self) -> Counters:
+        return FileCounters(self.root)
+
+    def _heads(self) -> Iterator[tuple[int, HeadInfo | None]]:
+        """Every record file's size and header; a header is re-read only when its file changed (inode,
+        size or mtime), so repeated stats on a large directory cost one scandir plus what changed."""
+        cache: dict[str, tuple[tuple[int, int, int], HeadInfo | None]] = {}
+        out = []
+        for key, st in self._list_files():
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._head_cache.get(key)
+            info = cached[1] if cached is not None and cached[0] == ident else self._read_head(key)
+            cache[key] = (ident, info)
+            out.append((st.st_size, info))
+        self._head_cache = cache
+        return iter(out)
+
+    def _read_head(self, key: str) -> HeadInfo | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                head = f.read(HEAD_READ)
+                info, end = parse_head(head), header_end(head)
+                if info is None and end is not None and end > len(head):  # an unusual header: read it whole
+                    info = parse_head(head + f.read(end - len(head)))
+        except OSError:  # removed meanwhile, or unreadable: counted as unreadable, verify will say more
+            return None
+        return info
 
     def _clear(self) -> None:
         for key, _ in self._list_files():

@@ -1,4 +1,5 @@
-"""RAM tier: encoded records in an LRU ordered dict, bounded by a byte budget."""
+"""RAM tier: encoded records in an LRU ordered dict, bounded by a byte budget. Its counters are its
+process's (nothing else can see the tier)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from kvstash.store.base import StoreConfig, Tier
+from kvstash.store.scan import HeadInfo, parse_head
 
 DEFAULT_RAM_BUDGET = 2 * 1024**3  # bytes, used when a spec says just "ram"
 
@@ -67,9 +69,10 @@ class RamTier(Tier):
             snapshot = list(self._entries)
         return iter(snapshot)
 
-    def _usage(self) -> tuple[int, int]:
+    def _heads(self) -> Iterator[tuple[int, HeadInfo | None]]:
         with self._lock:
-            return len(self._entries), self._bytes
+            blobs = list(self._entries.values())
+        return ((len(b), parse_head(b)) for b in blobs)
 
     def _clear(self) -> None:
         with self._lock:

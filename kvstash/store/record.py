@@ -29,6 +29,7 @@ MAGIC = b"\x89KVS\r\n\x1a\n"
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header length
 _CHECKSUM = struct.Struct("<Q")
 _MIN_SIZE = _PREFIX.size + _CHECKSUM.size
+PREFIX_SIZE = _PREFIX.size  # magic, version, header length: the bytes that say where the header ends
 
 
 class CorruptRecord(ValueError):
@@ -82,6 +83,17 @@ def encode_record(key: str, model_fingerprint: str, codec: str, chunk: ChunkKV) 
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes, payload])
     return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def header_end(prefix: bytes | bytearray | memoryview) -> int | None:
+    """Offset where the JSON header ends, from a record's first :data:`PREFIX_SIZE` bytes (or more); None if
+    they are not the start of a record in this FORMAT_VERSION. Lets a scan read headers without payloads."""
+    if len(prefix) < PREFIX_SIZE:
+        return None
+    magic, version, header_len = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return None
+    return PREFIX_SIZE + header_len
 
 
 def decode_record(blob: bytes | bytearray | memoryview, expect_key: str | None = None) -> Record:

@@ -8,8 +8,10 @@ from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvstash.store.base import StoreConfig, Tier
+from kvstash.store.cluster_tier import RedisClusterTier
 from kvstash.store.disk import DiskTier
 from kvstash.store.ram import DEFAULT_RAM_BUDGET, RamTier
+from kvstash.store.redis_client import CLUSTER_SCHEME, cluster_nodes
 from kvstash.store.redis_tier import DEFAULT_PREFIX, RedisTier
 from kvstash.store.tiered import TieredStore
 
@@ -17,6 +19,7 @@ SPEC_SYNTAX = """a store spec is a comma-separated list of tiers, fastest first:
   ram[:SIZE]                          process memory, LRU within SIZE (default 2GiB)
   disk:PATH[:SIZE]                    one file per chunk under PATH, LRU within SIZE (default unbounded)
   redis://HOST:PORT/DB[?ttl=SECONDS]  a Redis server (also rediss://, unix://; optional &prefix=P)
+  redis+cluster://HOST:PORT[,HOST:PORT...][?ttl=SECONDS&prefix=P]  a Redis Cluster (any of its nodes)
 SIZE is plain bytes or a number with KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024),
 e.g. ram:4GiB,disk:~/.cache/kvstash/kv:50GiB,redis://127.0.0.1:6379/0?ttl=3600"""
 
@@ -24,17 +27,18 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_NODE_RE = re.compile(r"(?!(?:ram|disk):)[^:/?,\s]+:\d+(?:\?.*)?|\[[0-9a-fA-F:]+\]:\d+(?:\?.*)?")
 
 
 class TierSpec(NamedTuple):
-    """One parsed tier: ``kind`` is ram, disk or redis; the other fields apply to some kinds only."""
+    """One parsed tier: ``kind`` is ram, disk, redis or redis-cluster; the other fields apply to some kinds."""
 
     kind: str
     budget_bytes: int | None = None  # ram, disk
     path: str | None = None  # disk: directory, ~ expanded
-    url: str | None = None  # redis: URL without kvstash's own query options
-    ttl_seconds: int | None = None  # redis
-    prefix: str = DEFAULT_PREFIX  # redis
+    url: str | None = None  # redis, redis-cluster: URL without kvstash's own query options
+    ttl_seconds: int | None = None  # redis, redis-cluster
+    prefix: str = DEFAULT_PREFIX  # redis, redis-cluster
 
 
 def parse_size(text: str) -> int:
@@ -48,7 +52,7 @@ def parse_size(text: str) -> int:
 
 def parse_spec(spec: str) -> list[TierSpec]:
     """Parse a store spec (see SPEC_SYNTAX) without opening anything. ValueError on a bad spec."""
-    parts = [p.strip() for p in spec.split(",")] if spec and spec.strip() else []
+    parts = _split_tiers(spec) if spec and spec.strip() else []
     if not parts or not all(parts):
         raise ValueError(f"empty tier in store spec {spec!r}\n{SPEC_SYNTAX}")
     tiers = [_parse_tier(p, spec) for p in parts]
@@ -68,13 +72,31 @@ def open_store(spec: str, config: StoreConfig) -> TieredStore:
             tiers.append(RamTier(config, t.budget_bytes or DEFAULT_RAM_BUDGET))
         elif t.kind == "disk":
             tiers.append(DiskTier(config, t.path, t.budget_bytes))
+        elif t.kind == "redis-cluster":
+            tiers.append(RedisClusterTier(config, t.url, ttl_seconds=t.ttl_seconds, prefix=t.prefix))
         else:
             tiers.append(RedisTier(config, t.url, ttl_seconds=t.ttl_seconds, prefix=t.prefix))
     return TieredStore(tiers)
 
 
+def _split_tiers(spec: str) -> list[str]:
+    """Split at commas, keeping a cluster's node list (``redis+cluster://a:1,b:2``) in one part: a
+    ``HOST:PORT`` after a cluster part is one of its nodes (a host named ram or disk is not)."""
+    parts: list[str] = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        prev = parts[-1] if parts else ""
+        if prev.startswith(CLUSTER_SCHEME) and "?" not in prev and _NODE_RE.fullmatch(part):
+            parts[-1] = prev + "," + part
+        else:
+            parts.append(part)
+    return parts
+
+
 def _parse_tier(part: str, spec: str) -> TierSpec:
     try:
+        if part.startswith(CLUSTER_SCHEME):
+            return _parse_cluster(part)
         if part.startswith(_REDIS_SCHEMES):
             return _parse_redis(part)
         kind, _, rest = part.partition(":")
@@ -94,11 +116,28 @@ def _parse_tier(part: str, spec: str) -> TierSpec:
 def _parse_redis(part: str) -> TierSpec:
     url = urlsplit(part)
     query = dict(parse_qsl(url.query, keep_blank_values=True))
+    ttl, prefix = _kvstash_options(query)
+    if url.scheme != "unix" and not url.hostname:
+        raise ValueError("the redis URL has no host")
+    clean = urlunsplit(url._replace(query=urlencode(query)))
+    return TierSpec("redis", url=clean, ttl_seconds=ttl, prefix=prefix)
+
+
+def _parse_cluster(part: str) -> TierSpec:
+    nodes_part, _, query_text = part.partition("?")
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
+    ttl, prefix = _kvstash_options(query)
+    if query:
+        raise ValueError(f"unknown cluster option(s) {', '.join(sorted(query))}; use ttl= and prefix=")
+    nodes = cluster_nodes(nodes_part)  # ValueError naming the bad node
+    url = CLUSTER_SCHEME + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in nodes)
+    return TierSpec("redis-cluster", url=url, ttl_seconds=ttl, prefix=prefix)
+
+
+def _kvstash_options(query: dict[str, str]) -> tuple[int | None, str]:
+    """Take kvstash's own options (ttl, prefix) out of a Redis URL's query."""
     ttl = query.pop("ttl", None)
     prefix = query.pop("prefix", DEFAULT_PREFIX)
     if ttl is not None and (not ttl.isdigit() or int(ttl) <= 0):
         raise ValueError(f"ttl={ttl!r} must be a positive whole number of seconds")
-    if url.scheme != "unix" and not url.hostname:
-        raise ValueError("the redis URL has no host")
-    clean = urlunsplit(url._replace(query=urlencode(query)))
-    return TierSpec("redis", url=clean, ttl_seconds=int(ttl) if ttl else None, prefix=prefix)
+    return (int(ttl) if ttl else None), prefix

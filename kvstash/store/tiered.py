@@ -59,7 +59,7 @@ class TieredStore:
     def put(self, key: str, chunk: ChunkKV) -> bool:
         """Encode ``chunk`` once and write it to every tier. Returns whether any tier stored it."""
         blob = encode_record(key, self.config.model_fingerprint, self.config.codec, chunk)
-        stored = [tier.put_blob(key, blob, chunk.num_tokens) for tier in self.tiers]
+        stored = [tier.put_blob(key, blob) for tier in self.tiers]
         return any(stored)
 
     def contains(self, key: str) -> bool:
@@ -105,4 +105,4 @@ class TieredStore:
     @staticmethod
     def _promote(key: str, hit: Hit, faster: Sequence[Tier]) -> None:
         for tier in faster:
-            tier.put_blob(key, hit.blob, hit.chunk.num_tokens)
+            tier.put_blob(key, hit.blob)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import redis
 
 from kvstash.cli import build_parser, main
 from kvstash.engine import Engine
+from kvstash.store import decode_record
 from tests.redis_server import (
     redis_url,  # noqa: F401
     skip_without_redis,
@@ -65,7 +68,7 @@ def _corrupt_disk(root: Path) -> int:
 
 def _corrupt_redis(url: str, prefix: str) -> int:
     client = redis.Redis.from_url(url)
-    keys = sorted(client.scan_iter(match=prefix + "*"))
+    keys = sorted(k for k in client.scan_iter(match=prefix + "*") if b"@" not in k)  # not the counters hash
     for i, k in enumerate(keys):
         client.set(k, _damage(client.get(k), i))
     client.close()
@@ -89,9 +92,10 @@ def _check_store_flow(cli, doc: Path, store: str, tier: str, corrupt: Callable[[
     assert (row["tier"], row["checked"], row["corrupt"], row["ok"]) == (tier, n, n, 0)
 
     _ask(cli, doc, store)
+    (before,) = cli("store", "stats", "--store", store)  # counters are kept with the tier: every run's
     n = corrupt()
     (row,) = cli("store", "stats", "--verify", "--store", store)
-    assert (row["tier"], row["corrupt"], row["entries"]) == (tier, n, 0)
+    assert (row["tier"], row["corrupt"], row["entries"]) == (tier, before["corrupt"] + n, 0)
 
 
 def test_disk_store_reuse_and_corruption(cli, tmp_path: Path) -> None:
@@ -164,6 +168,75 @@ def test_clear_needs_yes_and_bad_input_exits_2(tmp_path: Path, capsys) -> None:
     assert "no such file" in capsys.readouterr().err
     assert main(["store", "clear", "--store", f"disk:{root}", "--yes"]) == 0
     assert not list(root.iterdir())
+
+
+def _fresh(*argv: str) -> subprocess.CompletedProcess:
+    """Run ``python ARGV`` in a new process (this process's niceness, the repo on the path)."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def _fresh_stats(store: str) -> list[dict]:
+    return json.loads(_fresh("-m", "kvstash.cli", "store", "stats", "--store", store, "--json").stdout)
+
+
+def _expected_per_codec(root: Path) -> dict[str, float]:
+    """bytes per token of each codec's records, decoded in full here (the stats read headers only)."""
+    sizes: dict[str, list[int]] = {}
+    for f in root.glob("*.kv"):
+        rec = decode_record(f.read_bytes())
+        acc = sizes.setdefault(rec.codec, [0, 0])
+        acc[0], acc[1] = acc[0] + f.stat().st_size, acc[1] + rec.chunk.num_tokens
+    return {codec: b / t for codec, (b, t) in sizes.items()}
+
+
+def test_stats_in_a_fresh_process_read_the_records(cli, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(DOC)
+    store = f"disk:{tmp_path / 'kv'}"
+    for codec in ("fp16", "kivi4"):
+        assert cli("ingest", str(docs), "--store", store, "--codec", codec)["stored"] == 1
+    (row,) = _fresh_stats(store)
+    want = _expected_per_codec(tmp_path / "kv")
+    assert sorted(row["codecs"]) == ["fp16", "kivi4"] and row["entries"] == 2
+    for codec, bpt in want.items():
+        assert row["codecs"][codec]["bytes_per_token"] == pytest.approx(bpt, rel=1e-12)
+        assert row["codecs"][codec]["entries"] == 1
+    assert row["codecs"]["kivi4"]["bytes_per_token"] < row["codecs"]["fp16"]["bytes_per_token"] / 3
+    assert row["bytes_per_token"] == pytest.approx(row["bytes"] / row["tokens"], rel=1e-12)
+    assert (row["counters"], row["puts"], row["hits"]) == ("shared", 2, 0)
+    text = _fresh("-m", "kvstash.cli", "store", "stats", "--store", store).stdout
+    assert "per codec" in text and "kivi4" in text and "every process's" in text
+
+
+def test_corrupt_found_by_one_process_shows_in_another(cli, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(DOC)
+    root = tmp_path / "kv"
+    store = f"disk:{root}"
+    cli("ingest", str(docs), "--store", store)
+    (record,) = root.glob("*.kv")
+    tokens = decode_record(record.read_bytes()).chunk.token_ids
+    record.write_bytes(_damage(record.read_bytes(), 0))
+    reader = (  # a reader that exits without closing its tier: counts are pushed at exit
+        "import json, sys; from kvstash.store import DiskTier, StoreConfig; "
+        "t = DiskTier(StoreConfig('m'), sys.argv[1]); assert t.get(sys.argv[2], json.loads(sys.argv[3])) is None"
+    )
+    _fresh("-c", reader, str(root), record.stem, json.dumps(tokens))
+    assert not record.exists()
+    (row,) = _fresh_stats(store)
+    assert (row["corrupt"], row["misses"], row["entries"], row["errors"]) == (1, 1, 0, 0)
+
+
+def test_ram_stats_say_their_counters_are_this_process_s(capsys) -> None:
+    assert main(["store", "stats", "--store", "ram"]) == 0
+    assert "except ram: this process's only" in capsys.readouterr().out
+    assert main(["store", "stats", "--store", "ram", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["tier"], row["counters"], row["entries"], row["bytes_per_token"]) == ("ram", "process", 0, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,43 @@ def _delete(page, expect, server: ServerProcess) -> None:
     expect(items).to_have_count(1)
     expect(page.locator("#status")).to_contain_text("Document deleted")
     assert httpx.get(f"{server.url}/v1/documents/{doc_id}").status_code == 404
+
+
+@pytest.mark.browser
+def test_the_playground_asks_for_the_api_key():
+    """A server started with --api-key: the page asks for the key on the first 401, refuses a wrong one, keeps
+    the right one in the browser (it is sent on every API call, and still there after a reload)."""
+    sync_playwright, expect = _browser()
+    expect.set_options(timeout=WAIT_MS)
+    key = "sk-playground-test"
+    with running_server("--api-key", key) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            status, form = page.locator("#status"), page.locator("#key-form")
+            expect(status).to_contain_text("missing API key")
+            expect(form).to_be_visible()
+            expect(page.locator("#model")).to_have_text("")
+            page.locator("#api-key").fill("wrong")
+            page.locator("#save-key").click()
+            expect(status).to_contain_text("invalid API key")
+            page.locator("#api-key").fill(key)
+            page.locator("#save-key").click()
+            expect(status).to_contain_text("API key accepted")
+            expect(page.locator("#model")).to_contain_text("smollm2-135m")
+            expect(form).to_be_hidden()
+            page.locator("#doc-text").fill(CURIE)
+            page.locator("#add-doc").click()
+            expect(page.locator("#doc-list li")).to_have_count(1)
+            page.locator("#question").fill(QUESTION)
+            page.locator("#max-tokens").fill("8")
+            page.locator("#ask").click()  # a streamed chat, with the key
+            expect(status).to_contain_text("Answered with blend:0.15")
+            assert page.evaluate("localStorage.getItem('kvstash.apiKey')") == key
+            page.reload()
+            expect(page.locator("#model")).to_contain_text("smollm2-135m")
+            expect(form).to_be_hidden()
+            expect(page.locator("#doc-list li")).to_have_count(1)  # the document is still known: read with the key
+        finally:
+            browser.close()

@@ -73,7 +73,7 @@ def test_lru_eviction_order(kind: str, tmp_path: Path) -> None:
     assert (s.entries, s.bytes, s.evictions) == (3, 3 * SIZE, 2)
     tier.check_integrity()
     if kind == "disk":
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keys[i] + SUFFIX for i in (0, 3, 4))
+        assert sorted(p.name for p in tmp_path.glob("*" + SUFFIX)) == sorted(keys[i] + SUFFIX for i in (0, 3, 4))
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
@@ -160,7 +160,8 @@ def test_disk_ignores_temp_and_foreign_files(tmp_path: Path) -> None:
     old = 0
     os.utime(tmp_path / ".abc.123.456.deadbeef.tmp", (old, old))
     assert tier.gc() == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["not a key.kv", "notes.txt"]
+    counters = [".kvstash-counters.json", ".kvstash-counters.lock"]  # the shared counters stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*counters, "not a key.kv", "notes.txt"]
 
 
 def test_disk_gc_applies_budget_to_files_from_other_processes(tmp_path: Path) -> None:

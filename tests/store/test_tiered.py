@@ -104,6 +104,41 @@ def test_parse_spec_defaults() -> None:
     assert (red.url, red.ttl_seconds, red.prefix) == ("redis://h:1/2?socket_keepalive=true", None, "x:")
 
 
+def test_parse_spec_cluster() -> None:
+    ram, cl, disk = parse_spec("ram, redis+cluster://10.0.0.1:7000, 10.0.0.2:7001?ttl=60&prefix=p:,disk:/kv")
+    assert ram.kind == "ram" and disk == TierSpec("disk", path="/kv")
+    assert cl == TierSpec(
+        "redis-cluster", url="redis+cluster://10.0.0.1:7000,10.0.0.2:7001", ttl_seconds=60, prefix="p:"
+    )
+    (alone,) = parse_spec("redis+cluster://h:7000")
+    assert (alone.url, alone.ttl_seconds, alone.prefix) == ("redis+cluster://h:7000", None, "kvstash:")
+    (v6,) = parse_spec("redis+cluster://[::1]:7000,[::1]:7001")
+    assert v6.url == "redis+cluster://[::1]:7000,[::1]:7001"
+    tiers = parse_spec("redis+cluster://h:7000,ram:1024")  # a host named ram is a tier, not a node
+    assert [t.kind for t in tiers] == ["redis-cluster", "ram"]
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("redis+cluster://", "bad cluster node ''"), ("redis+cluster://h", "bad cluster node 'h'"),
+     ("redis+cluster://h:99999", "bad cluster node"), ("redis+cluster://h:1?db=2", "unknown cluster option"),
+     ("redis+cluster://h:1?ttl=0", "positive whole number"),
+     ("redis+cluster://a:1,redis+cluster://b:2", "more than once")],
+)  # fmt: skip
+def test_parse_spec_cluster_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_open_store_contacts_no_cluster() -> None:
+    start = time.monotonic()
+    store = open_store("redis+cluster://127.0.0.1:1,127.0.0.1:2", CFG)  # nothing listens there
+    (tier,) = store.tiers
+    assert tier.name == "redis-cluster" and time.monotonic() - start < 1
+    assert tier.get(CFG.key([1]), [1]) is None and tier.stats().errors == 2  # the get, the scan
+    store.close()
+
+
 @pytest.mark.parametrize(
     "spec",
     ["", " , ", "ram,", "ram:lots", "ram:0", "floppy:1GB", "disk", "disk:/x:5XB", "ram,ram", "redis://h/0?ttl=-1",

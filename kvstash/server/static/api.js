@@ -6,13 +6,40 @@ export function unreachable() {
     "Start it again, then retry.";
 }
 
-// fetch, with a PlaygroundError saying so when the server cannot be reached; any status is returned.
+// The server's API key (kvstash serve --api-key), kept in this browser; sent on every API call once given.
+const KEY_ITEM = "kvstash.apiKey";
+
+export function apiKey() {
+  return localStorage.getItem(KEY_ITEM) || "";
+}
+
+export function setApiKey(key) {
+  if (key) localStorage.setItem(KEY_ITEM, key);
+  else localStorage.removeItem(KEY_ITEM);
+}
+
+function withKey(options) {
+  const key = apiKey();
+  if (!key) return options;
+  return { ...options, headers: { ...(options.headers || {}), authorization: `Bearer ${key}` } };
+}
+
+// fetch with the API key, with a PlaygroundError saying so when the server cannot be reached or wants a (new)
+// key (the key field is shown then); any other status is returned.
 export async function request(path, options = {}) {
+  let resp;
   try {
-    return await fetch(path, options);
+    resp = await fetch(path, withKey(options));
   } catch {
     throw new PlaygroundError(unreachable());
   }
+  if (resp.status === 401) {
+    const form = document.getElementById("key-form");
+    form.hidden = false;
+    document.getElementById("api-key").focus();
+    throw new PlaygroundError(`${await errorText(resp)} Enter the server's API key at the top, then retry.`);
+  }
+  return resp;
 }
 
 // request, with a PlaygroundError carrying the server's message when it refuses.

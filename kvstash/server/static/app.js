@@ -1,6 +1,6 @@
 // kvstash playground: ask over the ticked documents with any reuse method, or compare full prefill with blend
 // side by side. Plain JavaScript modules over the server's own API, no framework, nothing fetched from elsewhere.
-import { api, streamChat } from "./api.js";
+import { api, setApiKey, streamChat } from "./api.js";
 import { checkDocuments, documentCount, documentNames, selectedIds, wireDocuments } from "./documents.js";
 import { startMetrics } from "./metrics.js";
 import { renderTokens, wireTokens } from "./tokens.js";
@@ -141,12 +141,25 @@ async function start() {
   const ratioApplies = () => { $("ratio").disabled = !RATIO_METHODS.includes($("method").value); };
   $("method").addEventListener("change", ratioApplies);
   ratioApplies();
-  await run(async () => {
-    const models = await (await api("/v1/models")).json();
-    $("model").textContent = `model ${models.data.map((m) => m.id).join(", ")}`;
-    await checkDocuments();
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    setApiKey($("api-key").value.trim());
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    run(async () => {
+      await connect();
+      say("API key accepted.", "ok");
+    });
   });
+  await run(connect);
   startMetrics();
+}
+
+// The served model's name, and the documents the server still knows; the first call that needs the API key.
+async function connect() {
+  const models = await (await api("/v1/models")).json();
+  $("model").textContent = `model ${models.data.map((m) => m.id).join(", ")}`;
+  await checkDocuments();
 }
 
 window.addEventListener("unhandledrejection", (e) => {
