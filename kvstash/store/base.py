@@ -2,7 +2,8 @@
 
 :class:`Tier` owns the shared work (encode, checksum and key verification, token-id comparison, counters);
 a tier subclass supplies only byte storage: ``_read``, ``_write``, ``_remove``, ``_iter_keys``, ``_heads``,
-and where its counters live (``_make_counters``: this process's, or shared through the backend).
+``_read_range`` where the backend reads byte ranges (for :meth:`Tier.open_layers`), and where its counters
+live (``_make_counters``: this process's, or shared through the backend).
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ from typing import ClassVar, NamedTuple
 from kvstash.store.chunk import ChunkKV
 from kvstash.store.codec_registry import get_codec
 from kvstash.store.counters import Counters
-from kvstash.store.record import CorruptRecord, chunk_key, decode_record, encode_record
+from kvstash.store.layers import Buffer, LayerReader, LayerReadError, OnComplete
+from kvstash.store.record import (
+    CorruptRecord,
+    RecordHeader,
+    chunk_key,
+    decode_record,
+    encode_record,
+    parse_record_head,
+)
 from kvstash.store.scan import CodecUsage, HeadInfo, summarize
 
 log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,128}")  # what a chunk key may be (safe as a file name)
+LAYERS_HEAD_READ = 16 * 1024  # open_layers' first range read: the whole header of all but unusual records
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,15 @@ class Tier(ABC):
     def _contains(self, key: str) -> bool:
         return self._read(key, touch=False) is not None
 
+    def _read_range(self, key: str, offset: int, length: int, touch: bool = False) -> Buffer | None:
+        """Up to ``length`` bytes of the record under ``key`` from ``offset``: fewer where the record ends
+        sooner, b"" where it is absent; None where the backend failed (counted). ``touch`` marks it recently
+        used. This default slices what ``_read`` returns (no copy); tiers that can read a range override it."""
+        blob = self._read(key, touch=touch)
+        if blob is None:
+            return b""
+        return memoryview(blob)[offset : offset + length]
+
     def _read_many(self, keys: Sequence[str]) -> list[bytes | bytearray | None]:
         return [self._read(k) for k in keys]
 
@@ -163,6 +182,37 @@ class Tier(ABC):
             _check_key(key)
         blobs = self._read_many(keys)
         return [self._verify_hit(k, t, b) for k, t, b in zip(keys, token_ids_list, blobs, strict=True)]
+
+    def open_layers(
+        self, key: str, token_ids: Sequence[int], on_complete: OnComplete | None = None
+    ) -> LayerReader | None:
+        """A reader of the record under ``key`` one layer at a time, or None (a miss) unless the record is
+        present with an intact header for exactly ``token_ids`` and this model. Reads only the record's head
+        now (one range read, two for a long header); counts a hit and marks the record recently used; a
+        damaged header is counted corrupt and the record removed, like :meth:`get`. ``on_complete(blob)`` is
+        called by the reader's ``close()`` with the whole verified record once every layer was read intact."""
+        _check_key(key)
+        try:
+            head = self._open_head(key)
+            if head is not None and head[0].key != key:
+                raise CorruptRecord("key", f"holds key {head[0].key!r}, expected {key!r}")
+        except CorruptRecord as e:
+            self._drop_corrupt(key, e)
+            head = None
+        if head is None or head[0].token_ids != _as_ids(token_ids) or head[0].model != self.config.model_fingerprint:
+            self._count(misses=1)  # absent, damaged, a key collision or a caller's stale key: never serve it
+            return None
+        self._count(hits=1)
+        header, raw = head
+        return LayerReader(
+            key,
+            self.name,
+            header,
+            fetch=lambda offset, length: self._fetch_range(key, offset, length),
+            drop=lambda err: self._drop_corrupt(key, err),
+            head=raw[: header.payload_offset] if on_complete is not None else None,
+            on_complete=on_complete,
+        )
 
     def blob(self, key: str) -> bytes | bytearray | None:
         """The raw record under ``key`` (unverified, LRU order unchanged), for inspection; None if absent."""
@@ -274,6 +324,37 @@ class Tier(ABC):
             return None
         self._count(hits=1)
         return Hit(chunk, self.name, blob)
+
+    def _open_head(self, key: str) -> tuple[RecordHeader, Buffer] | None:
+        """The checked header of the record under ``key`` and the bytes read from its start (at least up to
+        ``payload_offset``); None if absent or unreadable now. Raises CorruptRecord for a damaged head."""
+        head = self._read_range(key, 0, LAYERS_HEAD_READ, touch=True)
+        if head is None or (len(head) == 0 and not self._contains(key)):
+            return None
+        parsed = parse_record_head(head)
+        if parsed.missing:  # an unusually long header: read the rest of it
+            rest = self._read_range(key, len(head), parsed.missing)
+            if rest is None:
+                return None
+            head = bytes(head) + bytes(rest)
+            parsed = parse_record_head(head)
+        if parsed.header is None:
+            raise CorruptRecord("truncated", f"the record ends after {len(head)} bytes, inside its header")
+        return parsed.header, head
+
+    def _fetch_range(self, key: str, offset: int, length: int) -> Buffer:
+        """Exactly ``length`` bytes at ``offset`` of the record under ``key``, for a LayerReader. Raises
+        LayerReadError after counting: a backend failure (errors), a record cut short (corrupt, removed)."""
+        data = self._read_range(key, offset, length)
+        if data is None:
+            raise LayerReadError("backend", f"{self.name} tier could not be read (counted in errors)")
+        if len(data) < length:
+            if not self._contains(key):
+                raise LayerReadError("gone", f"record {key} was removed or evicted after it was opened")
+            err = CorruptRecord("truncated", f"the record ends before byte {offset + length}")
+            self._drop_corrupt(key, err)
+            raise LayerReadError("truncated", str(err))
+        return data
 
     def _drop_corrupt(self, key: str, err: CorruptRecord) -> None:
         log.warning("%s tier: removing record %s: %s", self.name, key, err)

@@ -5,7 +5,8 @@ client reads the slot map from the first that answers and follows MOVED / ASK it
 key, so records spread over every node by hash slot. A batched read groups the keys by the node that
 owns their slot and sends one pipeline per node; a node that is down costs only its own keys: they are
 counted errors and misses, and calls to that node (not the others) fail fast for ``retry_interval``.
-When the node is back at the same address the tier uses it again by itself.
+When the node is back at the same address the tier uses it again by itself. A layer-at-a-time read
+(``Tier.open_layers``) sends each ``GETRANGE`` through the cluster client to the node owning the key's slot.
 
 Run the cluster with ``cluster-require-full-coverage no``: with the default ``yes`` every node refuses
 every key (CLUSTERDOWN) once one node is marked failed, which the tier survives as misses everywhere.

@@ -71,6 +71,31 @@ class DiskTier(Tier):
             self._touch(key, path, len(buf))
         return buf
 
+    def _read_range(self, key: str, offset: int, length: int, touch: bool = False) -> bytearray | None:
+        """``os.preadv`` of [offset, offset + length) into a fresh buffer (decoded in place, no copy): fewer
+        bytes at the end of the file, b"" for a file that is gone, None (counted) for an I/O error."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(key)
+            return bytearray()
+        except OSError as e:
+            self._backend_error("read", e)
+            return None
+        try:
+            buf = _pread_full(fd, offset, length)
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            self._backend_error("read", e)
+            return None
+        finally:
+            os.close(fd)
+        self._backend_ok()
+        if touch:
+            self._touch(key, path, size)
+        return buf
+
     def _write(self, key: str, blob: bytes) -> bool:
         if self.budget_bytes is not None and len(blob) > self.budget_bytes:
             self._count(rejected=1)
@@ -247,3 +272,16 @@ class DiskTier(Tier):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytearray:
+    """Bytes [offset, offset + length) of an open file; fewer only where the file ends sooner."""
+    buf = bytearray(length)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
+        if n == 0:  # end of file
+            break
+        got += n
+    del buf[got:]
+    return buf

@@ -7,7 +7,8 @@ seconds after a failure instead of paying the socket timeout each time.
 
 The event counters live beside the records, in the hash ``<prefix>@counters`` (``@`` is never in a chunk
 key, so scans skip it), incremented with one pipelined ``HINCRBY`` round trip per batch of events
-(:mod:`kvstash.store.counters`). Stats read record headers with ``GETRANGE``, never the payloads.
+(:mod:`kvstash.store.counters`). Stats read record headers with ``GETRANGE``, never the payloads, and so
+does a layer-at-a-time read (``Tier.open_layers``): one ``GETRANGE`` per header and per layer block.
 """
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ class RedisTier(Tier):
         if touch and self.ttl_seconds:
             return self._call("get", lambda: self._client.getex(rkey, ex=self.ttl_seconds), None, self._where(rkey))
         return self._call("get", lambda: self._client.get(rkey), None, self._where(rkey))
+
+    def _read_range(self, key: str, offset: int, length: int, touch: bool = False) -> bytes | None:
+        """``GETRANGE`` (with ``EXPIRE`` in the same round trip when touching under a TTL), through
+        :meth:`_call`: an outage is counted and backed off like every other op. b"" for an absent key."""
+        if length <= 0:
+            return b""
+        rkey, end = self._rkey(key), offset + length - 1
+        if touch and self.ttl_seconds:
+            fn = lambda: self._getrange_expire(rkey, offset, end)  # noqa: E731
+        else:
+            fn = lambda: self._client.getrange(rkey, offset, end)  # noqa: E731
+        return self._call("getrange", fn, None, self._where(rkey))
+
+    def _getrange_expire(self, rkey: str, start: int, end: int) -> bytes:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.getrange(rkey, start, end).expire(rkey, self.ttl_seconds)
+        return pipe.execute()[0]
 
     def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

@@ -1,4 +1,5 @@
-"""TieredStore: an ordered list of tiers, fastest first, used as one chunk store."""
+"""TieredStore: an ordered list of tiers, fastest first, used as one chunk store (whole chunks with ``get``,
+or a layer at a time with ``open_layers``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from kvstash.store.base import Hit, StoreConfig, Tier, TierStats, VerifyResult
 from kvstash.store.chunk import ChunkKV
+from kvstash.store.layers import LayerReader
 from kvstash.store.record import encode_record
 
 
@@ -32,8 +34,21 @@ class TieredStore:
         for i, tier in enumerate(self.tiers):
             hit = tier.get(key, token_ids)
             if hit is not None:
-                self._promote(key, hit, self.tiers[:i])
+                self._promote(key, hit.blob, self.tiers[:i])
                 return hit
+        return None
+
+    def open_layers(self, key: str, token_ids: Sequence[int]) -> LayerReader | None:
+        """A layer-at-a-time reader of the chunk from the fastest tier that has it with an intact header for
+        these token ids (``reader.tier`` names it), or None. A reader from a slower tier promotes the record
+        into the faster tiers in its ``close()``, and only if every layer was read intact and the whole
+        record's checksum holds; close it (or use it as a context manager) when done."""
+        for i, tier in enumerate(self.tiers):
+            faster = self.tiers[:i]
+            promote = (lambda blob, faster=faster: self._promote(key, blob, faster)) if faster else None
+            reader = tier.open_layers(key, token_ids, on_complete=promote)
+            if reader is not None:
+                return reader
         return None
 
     def get_many(self, keys: Sequence[str], token_ids_list: Sequence[Sequence[int]]) -> list[Hit | None]:
@@ -52,7 +67,7 @@ class TieredStore:
                     still.append(j)
                 else:
                     found[j] = hit
-                    self._promote(keys[j], hit, self.tiers[:i])
+                    self._promote(keys[j], hit.blob, self.tiers[:i])
             missing = still
         return found
 
@@ -103,6 +118,6 @@ class TieredStore:
         self.close()
 
     @staticmethod
-    def _promote(key: str, hit: Hit, faster: Sequence[Tier]) -> None:
+    def _promote(key: str, blob: bytes | bytearray, faster: Sequence[Tier]) -> None:
         for tier in faster:
-            tier.put_blob(key, hit.blob)
+            tier.put_blob(key, blob)

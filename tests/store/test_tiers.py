@@ -118,8 +118,9 @@ def test_decode_record_detects(mode: str) -> None:
 
 
 def test_chunk_key_is_stable_and_distinct() -> None:
-    # pinned: another process, machine or Python run must give the same key (no hash() randomization)
-    assert chunk_key("m", [1, 2, 3], "fp16") == "c20e959a7748363bd36b60afd379ae1e"
+    # pinned: another process, machine or Python run must give the same key (no hash() randomization);
+    # the record format version is hashed in, so format 2 records never share a key with format 1 ones
+    assert chunk_key("m", [1, 2, 3], "fp16") == "dde3546bd2b8df839884a5ef48acb187"
     base = chunk_key("m", [1, 2, 3], "fp16")
     others = [chunk_key("m2", [1, 2, 3], "fp16"), chunk_key("m", [1, 2, 3], "fp32")]
     others += [chunk_key("m", [3, 2, 1], "fp16"), chunk_key("m", [1, 2], "fp16"), chunk_key("m", [], "fp16")]
