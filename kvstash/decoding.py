@@ -76,6 +76,7 @@ class GenerationResult:
             "store_s": round(r.store_s, 4),
             "tier_hits": dict(r.tier_hits),
             "kv_bytes": self.kv_bytes,
+            **({"blend_ratio": round(r.blend_ratio, 4)} if r.blend_ratio is not None else {}),
             **({"kv_head_bits": r.kv_head_bits} if r.kv_head_bits else {}),
             **({"speculation": self.speculation} if self.speculation is not None else {}),
         }

@@ -271,25 +271,47 @@ def _insert_at_sentence(text: str, needle: str, frac: float) -> tuple[str, int]:
 NEEDLE_ASK = "Reply with the six-digit number."  # needle-code's instruction after the question
 
 
-def _load_needle(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random") -> list[Example]:
-    """A generated fact hidden in real musique passages at ``depth`` (0 = first sentence, 1 = last)."""
-    return _needles(path, n, passages, seed, depth, "needle", ask="")
+HAYSTACKS = ("musique", "wikimqa", "squad")  # passage pools a needle can hide in
 
 
-def _load_needle_code(path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random"):
+def _load_needle(
+    path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random", haystack: str = "musique"
+) -> list[Example]:
+    """A generated fact hidden at ``depth`` (0 = first sentence, 1 = last) in real passages of ``haystack``
+    (musique by default; wikimqa or squad paragraphs for prompts unlike the ones a method was tuned on)."""
+    return _needles(path, n, passages, seed, depth, "needle", "", haystack)
+
+
+def _load_needle_code(
+    path: Path, n: int | None, passages: int, seed: int, depth: float | str = "random", haystack: str = "musique"
+):
     """The needle prompts (same passages, codes and depths per seed) with the question followed by
     :data:`NEEDLE_ASK`. With full prefill (6 passages, seed 0) SmolLM2-135M finds the code in 6 of the first 20
     bare needle prompts (it often calls it "a code of conduct") and in 15 of the same 20 with the instruction."""
-    return _needles(path, n, passages, seed, depth, "needle-code", ask=NEEDLE_ASK)
+    return _needles(path, n, passages, seed, depth, "needle-code", NEEDLE_ASK, haystack)
 
 
-def _needles(path: Path, n, passages: int, seed: int, depth, name: str, ask: str) -> list[Example]:
-    """Needle examples named ``{name}_{seed}_{i}``; ``ask`` (an instruction, or "") follows the question."""
+def _haystack(path: Path, haystack: str, name: str) -> list[str]:
+    """Every passage of the ``haystack`` file (beside ``path``, the musique file) as a document."""
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"{name}: haystack={haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
+    rows = _read(path.parent / FILES[haystack])
+    if haystack == "squad":
+        return [_doc(a["title"].replace("_", " "), p["context"]) for a in rows["data"] for p in a["paragraphs"]]
+    return list(dict.fromkeys(_doc(c["title"], c["text"]) for r in rows for c in r["ctxs"]))
+
+
+def _needles(path: Path, n, passages: int, seed: int, depth, name: str, ask: str, haystack: str) -> list[Example]:
+    """Needle examples named ``{name}_{seed}_{i}`` (``{name}-{haystack}_...`` outside musique); ``ask`` (an
+    instruction, or "") follows the question."""
     if n is None or n < 0:
         raise ValueError(f"{name}: n={n}; pass n >= 0, the number of examples to generate")
     if not (depth == "random" or (isinstance(depth, int | float) and 0.0 <= depth <= 1.0)):
         raise ValueError(f"{name}: depth={depth!r} must be a number in [0, 1] or 'random'")
-    pool = [_doc(c["title"], c["text"]) for r in _read(path) for c in r["ctxs"]]
+    if haystack == "musique":  # as before: every passage, repeats included, so old prompts stay the same
+        pool = [_doc(c["title"], c["text"]) for r in _read(path) for c in r["ctxs"]]
+    else:
+        pool, name = _haystack(path, haystack, name), f"{name}-{haystack}"
     _check_passages(passages, len(pool), name)
     out = []
     for i in range(n):

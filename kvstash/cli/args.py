@@ -91,11 +91,18 @@ def _add_reuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reuse",
         metavar="METHOD",
-        help="full | prefix | naive | blend | cacheblend (plain CacheBlend, no question focus) "
+        help="full | prefix | naive | blend | cacheblend (plain CacheBlend, no question focus); blend:RATIO, or "
+        "blend:auto to let the deviation at the check layer pick the ratio per prompt (up to 0.3) "
         "(default: blend with --store, else full)",
     )
     p.add_argument("--ratio", type=float, help="blend: share of reused tokens recomputed (default 0.15)")
     p.add_argument("--check-layer", type=int, help="blend: layer where deviations are measured (default 1)")
+    p.add_argument(
+        "--probe-layers",
+        type=int,
+        metavar="N",
+        help="blend: layers the question's naive probe runs through to find what it attends to (default: all)",
+    )
     p.add_argument(
         "--gate",
         type=float,

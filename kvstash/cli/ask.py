@@ -51,7 +51,9 @@ def answer(engine, question: str, docs: list[str], args) -> int:
     )
     segs = ([Segment(args.system, "system")] if args.system else []) + [Segment(d) for d in docs]
     segs.append(Segment(question, "user"))
-    blend_opts = {k: getattr(args, k) for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias")}
+    blend_opts = {
+        k: getattr(args, k) for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers")
+    }
     gen = engine.stream(
         segs,
         params,

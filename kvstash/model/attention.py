@@ -51,14 +51,17 @@ def visible_keys(mask: torch.Tensor) -> int:
     return int(seen.any(dim=0).nonzero().max()) + 1
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Softmax attention weights, float32. q: [H, Tq, D]; k: [KVH, n, D]; mask: [Tq, n], [KVH, Tq, n] or None,
     boolean (True = attend) or additive float -> [H, Tq, n]. Query head h reads KV head h // (H / KVH), as in
-    grouped-query attention."""
+    grouped-query attention. The scores' matmul runs in ``compute_dtype`` (the keys' own dtype skips a float32
+    copy of every key), the softmax in float32."""
     h, t, d = q.shape
     kvh, n, _ = k.shape
-    qg = q.float().reshape(kvh, h // kvh * t, d)  # query heads of one KV head side by side
-    scores = (qg @ k.float().transpose(1, 2)).view(kvh, h // kvh, t, n) * d**-0.5  # [KVH, G, Tq, n]
+    qg = q.to(compute_dtype).reshape(kvh, h // kvh * t, d)  # query heads of one KV head side by side
+    scores = (qg @ k.to(compute_dtype).transpose(1, 2)).float().view(kvh, h // kvh, t, n) * d**-0.5  # [KVH, G, Tq, n]
     if mask is not None:
         mask = mask[:, None] if mask.dim() == 3 else mask
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

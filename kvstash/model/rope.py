@@ -47,14 +47,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: tor
 
 
 def reposition(
-    keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor, rope: Rope, dtype: torch.dtype | None = None
+    keys: torch.Tensor,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    rope: Rope,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate keys computed at positions ``old`` so they are as if computed at ``new``, in ``dtype`` (default:
-    the keys'; the rotation itself is done in float32).
+    the keys'; the rotation itself is done in float32), into ``out`` when given (any view of keys' shape).
 
-    keys: [..., T, head_dim] (already rotated to ``old``); old, new: [T] int64. Returns a new tensor.
+    keys: [..., T, head_dim] (already rotated to ``old``); old, new: [T] int64. Returns ``out`` or a new tensor.
+    A chunk moved as a whole (the same shift for every token) is rotated by one angle per frequency; the work
+    runs one leading slice at a time, so its float32 temporaries stay small.
     """
+    if out is None:
+        out = torch.empty(keys.shape, dtype=dtype or keys.dtype)
     if torch.equal(old, new):
-        return keys.to(dtype or keys.dtype)
-    cos, sin = rope.cos_sin(new - old, scaled=False)  # [T, head_dim]
-    return apply_rope(keys, cos, sin, dtype)
+        return out.copy_(keys)
+    shift = new - old
+    if bool((shift == shift[0]).all()):
+        shift = shift[:1]  # one rotation for every token: cos, sin [1, head_dim] broadcast over T
+    cos, sin = rope.cos_sin(shift, scaled=False)
+    if keys.dim() < 3:
+        return out.copy_(apply_rope(keys, cos, sin, out.dtype))
+    for i in range(keys.shape[0]):  # e.g. one layer at a time
+        out[i] = apply_rope(keys[i], cos, sin, out.dtype)
+    return out

@@ -96,6 +96,8 @@ class Rows:
             return self._mask[0]
         _, _, k_pos = cache.layer(layer)
         mask = attention_mask(self.positions, k_pos, cache.layer_bias(layer), cache.uniform)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(cache.dtype)  # once per mask, not per block: SDPA wants it in the queries' dtype
         if self.tree is not None:
             mask = tree_mask(mask, self.tree, len(self.positions), k_pos.shape[-1])
         self._mask, self._visible = (mask, layer, cache.bias is not None), {}
@@ -129,6 +131,9 @@ class Runner:
         self.dtype = next(model.parameters()).dtype
         self.rope = Rope.from_model(model)
         self.block = block  # queries per attention call (bounds the [H, block, n] scores)
+        # queries per call when the rows are scattered over the cache (blend's chosen tokens): each block reads
+        # the keys up to its last row, so smaller blocks skip more of the keys causality hides
+        self.scattered_block = max(1, block // 4)
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
@@ -183,6 +188,8 @@ class Runner:
         hs = [self.embed(rows.ids) for rows in batch]
         rope = [self.rope.cos_sin(rows.positions) for rows in batch]
         for layer in range(self.num_layers):
+            if not any(len(rows.positions) for rows in batch):
+                break  # every row has left the pass (a probe that stops early)
             q, k, v = self.qkv(layer, _cat(hs), _cat([c for c, _ in rope]), _cat([s for _, s in rope]))
             outs, offset = [], 0
             for i, rows in enumerate(batch):
@@ -221,6 +228,8 @@ class Runner:
         """One sequence's attention over its cache, in blocks of ``self.block`` queries; each block reads only
         the keys up to the last one it may see (the keys after it are hidden from the whole block, so leaving
         them out changes only the cost). q: [H, T, D] -> [T, H*D]."""
+        if not len(rows.positions):
+            return q.new_zeros(0, q.shape[0] * q.shape[2])
         k_all, v_all, _ = rows.cache.layer(layer)
         mask = rows.mask(layer)
         hook = rows.hook
@@ -228,12 +237,12 @@ class Runner:
             hook.observe(layer, q, k_all, mask)
         if mask is not None and mask.dim() == 3:  # per-head positions: one call, every key
             return self._attend_block(layer, hook, q, k_all, v_all, mask)
-        outs = []
-        for s in range(0, q.shape[1], self.block):
-            m = None if mask is None else mask[s : s + self.block]
+        outs, size = [], self.block if rows._run is not None else self.scattered_block
+        for s in range(0, q.shape[1], size):
+            m = None if mask is None else mask[s : s + size]
             n = k_all.shape[1] if m is None else rows.visible(s, m)
             m = None if m is None else m[:, :n]
-            outs.append(self._attend_block(layer, hook, q[:, s : s + self.block], k_all[:, :n], v_all[:, :n], m))
+            outs.append(self._attend_block(layer, hook, q[:, s : s + size], k_all[:, :n], v_all[:, :n], m))
         return _cat(outs)
 
     def _attend_block(self, layer: int, hook: LayerHook | None, q, k, v, mask) -> torch.Tensor:

@@ -13,12 +13,14 @@ import torch
 
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_probs
-from kvstash.model.runner import Runner, Steps
+from kvstash.model.runner import LayerHook, Rows, Runner, Selection, Steps
 from kvstash.reuse.layout import Layout
-from kvstash.reuse.partial import NaiveReuse, PartialPrefill
+from kvstash.reuse.partial import PartialPrefill
 from kvstash.reuse.selection import deviation, gate, top_share
 
 DEFAULT_RATIO = 0.15
+AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative value deviation at the check layer
+AUTO_MAX = 0.3  # blend:auto's ratio cap (the ``ratio`` field when ``auto`` is set)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class BlendConfig:
     # layer on, in prefill and decoding (APE's scaling factor: their weight times e^stale_bias, ~0.78 here;
     # 0 turns it off). Only when something is recomputed: at r = 0 blend is naive reuse exactly
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
+    probe_layers: int | None = None  # layers the question's naive probe runs through (None: all of them)
+    # blend:auto: the ratio per prompt is the share of reused tokens whose relative value deviation at the
+    # check layer exceeds ``auto``, kept within [auto_min, ratio]; None: the fixed ``ratio``
+    auto: float | None = None
+    auto_min: float = 0.03
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -45,6 +52,13 @@ class BlendConfig:
             raise ValueError(f"stale_bias must be a finite logit offset, got {self.stale_bias}")
         if self.gate is not None and self.gate <= 0:
             raise ValueError(f"gate must be a positive relative deviation, got {self.gate}")
+        if self.auto is not None and not (self.auto > 0 and 0.0 <= self.auto_min <= self.ratio):
+            raise ValueError(
+                f"blend:auto needs a positive deviation threshold and 0 <= auto_min <= ratio (the cap); got "
+                f"auto={self.auto}, auto_min={self.auto_min}, ratio={self.ratio}"
+            )
+        if self.probe_layers is not None and self.probe_layers < 1:
+            raise ValueError(f"probe_layers must be >= 1 (or None for every layer), got {self.probe_layers}")
 
 
 class BlendReuse(PartialPrefill):
@@ -79,7 +93,7 @@ class BlendReuse(PartialPrefill):
 
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-            layout.focus = yield from question_focus(runner, cache, layout)
+            layout.focus = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
         return (yield from super().pass_steps(runner, cache, layout, observe))
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
@@ -95,8 +109,10 @@ class BlendReuse(PartialPrefill):
             layout.forced = torch.zeros_like(layout.reused)
             if cfg.gate is not None:
                 layout.forced[idx], fired = gate(rel, layout.segment[idx], cfg.gate)
+            layout.ratio = self.share_at(0) if cfg.auto is None else auto_ratio(rel, total, cfg)
         forced = layout.forced[idx]
-        budget = round(self.share_at(step) * total) - int(forced.sum())
+        share = layout.ratio if step == 0 else self.share_at(step)
+        budget = round(share * total) - int(forced.sum())
         if layout.focus is not None:  # part of the budget goes to the tokens the question reads most
             n_focus = round(cfg.query_share * budget)
             forced = forced | top_share(layout.focus[idx].masked_fill(forced, float("-inf")), n_focus)
@@ -110,6 +126,14 @@ class BlendReuse(PartialPrefill):
         return ~reused | chosen[active], chosen, fired
 
 
+def auto_ratio(rel: torch.Tensor, total: int, cfg: BlendConfig) -> float:
+    """blend:auto's budget: the share of the ``total`` reused tokens whose relative deviation ``rel`` [T] exceeds
+    ``cfg.auto``, within [cfg.auto_min, cfg.ratio]. A prompt whose chunks barely changed in context recomputes
+    little; one whose chunks read each other a lot recomputes more."""
+    share = int((rel > cfg.auto).sum()) / max(1, total)
+    return min(cfg.ratio, max(cfg.auto_min, share))
+
+
 class CacheBlendReuse(BlendReuse):
     """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0), stale KV
     attended as it is (``stale_bias`` = 0)."""
@@ -120,22 +144,40 @@ class CacheBlendReuse(BlendReuse):
         super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0), prefill_chunk)
 
 
-def question_focus(runner: Runner, cache: KVCache, layout: Layout) -> Steps[torch.Tensor]:
-    """How much the question attends to each reused token, from a naive probe: a :class:`NaiveReuse` pass
-    (the computed tokens over the re-positioned chunk KV) whose queries after the last reused token (the
-    question and the answer's glue) have their attention summed over heads, queries and layers.
-    Returns [R] over the rest tokens (0 for computed ones).
+def question_focus(runner: Runner, cache: KVCache, layout: Layout, layers: int | None = None) -> Steps[torch.Tensor]:
+    """How much the question attends to each reused token, from a naive probe: the computed tokens (the question
+    and the template's glue) over the re-positioned chunk KV, through the first ``layers`` layers (None: all);
+    the attention of the rows after the last reused token (the question and the answer's glue) summed over
+    heads, rows and layers. Returns [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
     A generator of one pass (see :data:`kvstash.model.runner.Steps`).
     """
-    rows = (~layout.reused).nonzero().squeeze(1)  # the rest tokens the probe computes, in order
-    asks = rows > int(layout.reused.nonzero().max())  # [A] the question's rows among them
-    focus = torch.zeros(cache.length)
+    probe = FocusProbe(cache, layout, runner.num_layers if layers is None else min(layers, runner.num_layers))
+    yield [probe.rows()]
+    return probe.focus[layout.start :].masked_fill(~layout.reused, 0.0)
 
-    def observe(layer, q, k_all, mask) -> None:
-        probs = attention_probs(q[:, asks], k_all, None if mask is None else mask[asks])  # [H, A, n]
-        focus.add_(probs.sum(dim=(0, 1)))
 
-    yield from NaiveReuse().pass_steps(runner, cache, layout, observe)
-    return focus[layout.start :].masked_fill(~layout.reused, 0.0)
+class FocusProbe(LayerHook):
+    """The probe's layer hook: its rows leave the pass after ``layers`` layers; at each layer before that the
+    question rows' attention weights (scores in the cache's dtype, softmax in float32) add into ``focus`` [n]."""
+
+    def __init__(self, cache: KVCache, layout: Layout, layers: int):
+        self.cache, self.layout, self.layers = cache, layout, layers
+        self.idx = (~layout.reused).nonzero().squeeze(1)  # [C] the rest tokens the probe computes, in order
+        self.asks = self.idx > int(layout.reused.nonzero().max())  # [C] the question's rows among them
+        self.focus = torch.zeros(cache.length)
+
+    def rows(self) -> Rows:
+        start, idx = self.layout.start, self.idx
+        return Rows(self.layout.ids[idx], start + idx, self.cache, start + idx, hook=self)
+
+    def select(self, layer: int, q, k, v) -> Selection | None:
+        if layer < self.layers:
+            self.layout.wait(layer)
+            return None
+        return Selection(keep=torch.zeros(q.shape[1], dtype=torch.bool))  # done: the rest of the pass is empty
+
+    def observe(self, layer: int, q, k_all, mask) -> None:
+        m = None if mask is None else mask[self.asks]
+        self.focus.add_(attention_probs(q[:, self.asks], k_all, m, compute_dtype=k_all.dtype).sum(dim=(0, 1)))

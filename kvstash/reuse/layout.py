@@ -12,8 +12,10 @@ from kvstash.cache.kv import KVCache
 from kvstash.model.rope import reposition
 from kvstash.model.runner import Runner, Steps
 from kvstash.prompt import PromptPlan
+from kvstash.reuse.loader import LayerLoader, Part
 from kvstash.reuse.report import PrefillReport
 from kvstash.reuse.source import ChunkSource
+from kvstash.store.layers import LayerReader
 
 
 def lead_segments(plan: PromptPlan) -> int:
@@ -32,6 +34,20 @@ class Layout:
     segment: torch.Tensor  # [R] int64: index into plan.segments
     forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
     focus: torch.Tensor | None = None  # [R] float: attention the question pays each token (blend's probe)
+    ratio: float | None = None  # share of the reused tokens blend recomputes (set at its first check)
+    loader: LayerLoader | None = None  # stored chunks still arriving layer by layer (a layered store)
+
+    def wait(self, layer: int) -> None:
+        """Before a pass reads ``layer``'s cached KV: wait until every stored chunk's layer is in place."""
+        if self.loader is not None:
+            self.loader.wait(layer)
+
+    def finish(self, report: PrefillReport) -> None:
+        """Once the pass is over: every layer loaded; the time the pass waited counts as load time."""
+        if self.loader is not None:
+            self.loader.finish()
+            report.load_s += self.loader.wait_s
+            self.loader = None
 
 
 def lay_out(
@@ -46,12 +62,12 @@ def lay_out(
     re-positioned; other segments get slots to be computed. Fills per-segment tiers and reuse in ``report``."""
     rest = list(enumerate(plan.segments))[n_prefix:]
     reusable = [(i, s) for i, s in rest if s.reusable]
-    found = yield from chunks.standalone([s for _, s in reusable], report)
+    found = yield from chunks.standalone([s for _, s in reusable], report, layered=chunks.layered)
     lookups = dict(zip((i for i, _ in reusable), found, strict=True))
     start = cache.length
     t = time.perf_counter()
     cache.append(torch.arange(start, len(plan)))
-    ids, reused, segment = [], [], []
+    ids, reused, segment, parts = [], [], [], []
     for i, seg in rest:
         n = len(seg.token_ids)
         ids += seg.token_ids
@@ -60,8 +76,12 @@ def lay_out(
         reused += [hit is not None] * n
         if hit is None:
             continue
+        if isinstance(hit, LayerReader):  # its layers arrive while the pass runs
+            parts.append(Part(i, seg.start, hit))
+            report.segments[i].tier, report.segments[i].reused = hit.tier, n
+            continue
         new_pos = torch.arange(seg.start, seg.end)
-        cache.k[:, :, seg.start : seg.end] = reposition(hit.chunk.keys, hit.chunk.positions, new_pos, runner.rope)
+        reposition(hit.chunk.keys, hit.chunk.positions, new_pos, runner.rope, out=cache.k[:, :, seg.start : seg.end])
         cache.v[:, :, seg.start : seg.end] = hit.chunk.values  # cast to the cache's dtype on the copy
         rep = report.segments[i]
         rep.tier = hit.tier
@@ -70,4 +90,7 @@ def lay_out(
         else:
             rep.reused = n
     report.load_s += time.perf_counter() - t
-    return Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
+    layout = Layout(start, torch.tensor(ids), torch.tensor(reused), torch.tensor(segment))
+    if parts:
+        layout.loader = LayerLoader(cache, parts, runner.rope, chunks.recompute, report).start()
+    return layout

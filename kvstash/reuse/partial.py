@@ -44,6 +44,7 @@ class PartialPass(LayerHook):
         return Rows(lay.ids[self.active], positions[self.active], self.cache, lay.start + self.active, hook=self)
 
     def select(self, layer: int, q, k, v) -> Selection:
+        self.layout.wait(layer)  # stored chunks' KV of this layer in place (a layered store)
         keep = None
         if self.method.checks_at(layer):
             keep, self.chosen, fired = self.method.check(self.cache, layer, self.layout, self.active, k, v, self.chosen)
@@ -69,13 +70,16 @@ class PartialPrefill(ReuseMethod):
         cache = runner.new_cache(len(plan) + 64)
         n_exact = yield from exact_head(runner, plan, cache, chunks, report, self.prefill_chunk)
         layout = yield from lay_out(runner, plan, cache, chunks, n_exact, report)
-        t = time.perf_counter()
-        logits, chosen, fired = yield from self.pass_steps(runner, cache, layout)
-        report.compute_s += time.perf_counter() - t
+        t, load_s = time.perf_counter(), report.load_s
+        try:
+            logits, chosen, fired = yield from self.pass_steps(runner, cache, layout)
+        finally:
+            layout.finish(report)
+        report.compute_s += time.perf_counter() - t - (report.load_s - load_s)
         for seg_idx in layout.segment[~layout.reused].unique().tolist():
             report.segments[seg_idx].recomputed = report.segments[seg_idx].tokens
         _count_chosen(plan, layout, chosen, report)
-        report.gate_fired = fired
+        report.gate_fired, report.blend_ratio = fired, layout.ratio
         return Prefilled(cache, logits, report)
 
     def initial_active(self, layout: Layout) -> torch.Tensor:

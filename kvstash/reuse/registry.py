@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvstash.reuse.base import ReuseMethod
-from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
+from kvstash.reuse.blend import AUTO_DEVIATION, AUTO_MAX, BlendConfig, BlendReuse, CacheBlendReuse
 from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.prefix import PrefixReuse
@@ -16,6 +16,7 @@ BLEND_METHODS = ("blend", "cacheblend")  # the ones that take a ratio and BlendC
 
 def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
     """Build a method from what a user types: ``full``, ``prefix``, ``naive``, ``blend``, ``blend:0.3``,
+    ``blend:auto`` (the ratio chosen per prompt from the deviation at the check layer, up to 0.3 or ``ratio``),
     ``cacheblend`` or ``cacheblend:0.3``.
 
     ``opts`` are :class:`BlendConfig` fields (ratio, check_layer, query_share, stale_bias, gate); None values are
@@ -28,6 +29,8 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
     if arg:
         if name not in BLEND_METHODS:
             raise ValueError(f"only blend and cacheblend take a ratio (blend:0.15), got {spec!r}")
+        if arg == "auto":
+            return _auto(name, prefill_chunk, opts)
         try:
             opts["ratio"] = float(arg)
         except ValueError:
@@ -43,6 +46,11 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
     if opts:
         raise ValueError(f"{name} takes no blend options (got {', '.join(sorted(opts))}); use blend or cacheblend")
     return cls(prefill_chunk=prefill_chunk)
+
+
+def _auto(name: str, prefill_chunk: int, opts: dict) -> ReuseMethod:
+    opts = {"auto": AUTO_DEVIATION, "ratio": AUTO_MAX, **opts}
+    return make_method(name, prefill_chunk, **opts)
 
 
 def register_method(cls: type[ReuseMethod]) -> type[ReuseMethod]:

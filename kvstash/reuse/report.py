@@ -30,6 +30,7 @@ class PrefillReport:
     compute_s: float = 0.0  # running the model over the tokens that are (re)computed
     store_s: float = 0.0  # writing newly computed chunk KV into the store
     gate_fired: int = 0  # chunks the quality gate sent to full recompute
+    blend_ratio: float | None = None  # share of the reused tokens blend chose to recompute (blend:auto's pick)
     tier_hits: dict[str, int] = field(default_factory=dict)  # chunk lookups served, per tier
     misses: int = 0  # chunk lookups no tier could serve (computed instead)
     kv_head_bits: list | None = None  # [layer][kv head] = [key bits, value bits] with --kv-alloc mixed

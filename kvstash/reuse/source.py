@@ -24,6 +24,7 @@ from kvstash.model.runner import Runner, Steps
 from kvstash.prompt import PlannedSegment, PromptPlan
 from kvstash.reuse.report import PrefillReport
 from kvstash.store import ChunkKV, Hit, Prefetcher, StoreConfig, TieredStore, open_store
+from kvstash.store.layers import LayerReader
 
 DEFAULT_STORE = "ram:2GiB"
 
@@ -42,10 +43,13 @@ class IngestReport:
 class ChunkSource:
     """The engine's view of the chunk store: lookups by segment, standalone computation on a miss."""
 
-    def __init__(self, runner: Runner, store: TieredStore, prefill_chunk: int = 512):
+    def __init__(self, runner: Runner, store: TieredStore, prefill_chunk: int = 512, layered: bool | None = None):
         self.runner = runner
         self.store = store
         self.prefill_chunk = prefill_chunk
+        # hand stored chunks over layer by layer (loaded while the layers before compute): by default when the
+        # store has a tier slower than RAM, where reading is worth hiding
+        self.layered = any(t.name != "ram" for t in store.tiers) if layered is None else layered
 
     @classmethod
     def open(cls, runner: Runner, fingerprint: str, spec: str = DEFAULT_STORE, codec: str = "fp16", **kw):
@@ -106,38 +110,56 @@ class ChunkSource:
         report: PrefillReport,
         head: KVCache | None = None,
         head_ids: tuple[int, ...] = (),
-    ) -> Steps[list[Hit]]:
+        layered: bool = False,
+    ) -> Steps[list[Hit | LayerReader]]:
         """Standalone chunk KV for each segment: from the store (loaded in background threads while
         misses are computed) or computed now and stored; a computed chunk comes back with ``tier=None``.
+        ``layered`` (no ``head``): a stored chunk comes back as an open :class:`LayerReader` instead, its
+        layers read later by the caller.
 
         With ``head`` (an exact cache of the prompt head ``head_ids``), chunks are computed behind that head
         instead of from position 0, so their first tokens are not attention sinks of their own. A chunk that
         appears more than once in the prompt is looked up (or computed) once and shared."""
         keys = [self.standalone_key(s, head_ids) for s in segments]
-        out: list[Hit] = []
-        seen: dict[str, Hit] = {}
+        if layered:
+            return (yield from self._each(keys, segments, report, self.store.open_layers, None))
         with Prefetcher(self.store, max_workers=2) as pf:
             pf.start((k, s.token_ids) for k, s in zip(keys, segments, strict=True))
-            for key, seg in zip(keys, segments, strict=True):
-                if key in seen:  # a repeated document: its KV is the same chunk, re-positioned by the caller
-                    out.append(seen[key])
-                    continue
-                t = time.perf_counter()
-                found = pf.get(key)
-                report.load_s += time.perf_counter() - t
-                if found is not None:
-                    report.hit(found.tier)
-                    out.append(seen.setdefault(key, found))
-                    continue
+            return (yield from self._each(keys, segments, report, lambda key, _ids: pf.get(key), head))
+
+    def _each(self, keys, segments, report: PrefillReport, lookup, head: KVCache | None) -> Steps[list]:
+        """One hit (or layer reader) per segment: ``lookup(key, token_ids)`` first, a miss computed and stored;
+        a repeated document gets the very same object (its KV is re-positioned by the caller)."""
+        out, seen = [], {}
+        for key, seg in zip(keys, segments, strict=True):
+            if key in seen:
+                out.append(seen[key])
+                continue
+            t = time.perf_counter()
+            found = lookup(key, seg.token_ids)
+            report.load_s += time.perf_counter() - t
+            if found is not None:
+                report.hit(found.tier)
+            else:
                 report.misses += 1
-                t = time.perf_counter()
-                chunk = yield from self.compute_steps(seg.token_ids, head)
-                report.compute_s += time.perf_counter() - t
-                t = time.perf_counter()
-                self.store.put(key, chunk)
-                report.store_s += time.perf_counter() - t
-                out.append(seen.setdefault(key, Hit(chunk, None, b"")))
+                found = yield from self._compute_and_store(key, seg.token_ids, head, report)
+            out.append(seen.setdefault(key, found))
         return out
+
+    def _compute_and_store(self, key: str, token_ids, head: KVCache | None, report: PrefillReport) -> Steps[Hit]:
+        t = time.perf_counter()
+        chunk = yield from self.compute_steps(token_ids, head)
+        report.compute_s += time.perf_counter() - t
+        t = time.perf_counter()
+        self.store.put(key, chunk)
+        report.store_s += time.perf_counter() - t
+        return Hit(chunk, None, b"")
+
+    def recompute(self, token_ids) -> ChunkKV:
+        """A stored chunk that could not be read after all: computed standalone again and stored again."""
+        chunk = self.compute(token_ids)
+        self.store.put(self.store.key(token_ids), chunk)
+        return chunk
 
     def compute(self, token_ids, head: KVCache | None = None) -> ChunkKV:
         """The standalone KV of ``token_ids``: from position 0, or right after the cached ``head``."""

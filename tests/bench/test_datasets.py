@@ -212,3 +212,30 @@ def test_needle_code_is_needle_with_the_instruction(data_dir):
         assert c.question == f"{b.question} {NEEDLE_ASK}" and c.id == b.id.replace("needle", "needle-code")
     deep = load_dataset("needle-code", n=2, passages=4, seed=3, depth=1.0, data_dir=data_dir)
     assert all(e.meta["gold_index"] == 3 for e in deep)
+
+
+@pytest.mark.parametrize("haystack", ["wikimqa", "squad"])
+def test_needle_in_another_haystack(data_dir, haystack):
+    """Same codes and nouns as the musique needles of the seed, hidden in another dataset's passages."""
+    base = load_dataset("needle-code", n=4, passages=6, seed=2, data_dir=data_dir)
+    other = load_dataset("needle-code", n=4, passages=6, seed=2, haystack=haystack, data_dir=data_dir)
+    assert [e.id for e in other] == [f"needle-code-{haystack}_2_{i}" for i in range(4)]
+    assert [(e.answers, e.question) for e in other] == [(e.answers, e.question) for e in base]
+    pool = set(_haystack_docs(data_dir, haystack))
+    for e in other:
+        needle = e.meta["needle"]
+        assert [needle in d for d in e.documents].count(True) == 1
+        others = [d for i, d in enumerate(e.documents) if i != e.meta["gold_index"]]
+        assert all(d in pool for d in others) and len(set(e.documents)) == 6
+        assert e.documents[e.meta["gold_index"]].replace(needle + " ", "").replace(" " + needle, "") in pool
+
+
+def _haystack_docs(data_dir, haystack):
+    from kvstash.bench.datasets import FILES, _haystack, data_file
+
+    return _haystack(data_file(FILES["musique"], data_dir), haystack, "t")
+
+
+def test_needle_unknown_haystack(data_dir):
+    with pytest.raises(ValueError, match="haystack='nq'; choose one of: musique, wikimqa, squad"):
+        load_dataset("needle", n=1, passages=3, haystack="nq", data_dir=data_dir)

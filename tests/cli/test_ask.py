@@ -37,6 +37,8 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
         ["--reuse", "cacheblend"],
         ["--reuse", "blend", "--query-share", "1.0"],
         ["--reuse", "blend", "--stale-bias", "0"],
+        ["--reuse", "blend", "--probe-layers", "4"],
+        ["--reuse", "blend:auto"],
     ],
 )
 def test_ask_blend_flavours_over_a_store(tmp_path, capsys, reuse):
@@ -50,8 +52,13 @@ def test_ask_blend_flavours_over_a_store(tmp_path, capsys, reuse):
     capsys.readouterr()
     assert main([*args, *reuse, "--ratio", "0.5"]) == 0  # reuses them
     out = json.loads(capsys.readouterr().out)
-    assert out["reuse"] == reuse[1]
+    assert out["reuse"] == reuse[1].removesuffix(":auto")
     assert out["reused_tokens"] > 0 and out["recomputed_tokens"] < out["prompt_tokens"]
+    if reuse[1] == "blend:auto":  # --ratio caps the ratio it picks
+        assert 0.03 <= out["blend_ratio"] <= 0.5
+    else:
+        assert out["blend_ratio"] == 0.5
+    assert all(s["tier"] == "disk" for s in out["segments"] if s["kind"] == "document")  # read layer by layer
 
 
 def test_missing_doc_and_unknown_model_are_clear_errors(capsys):

@@ -52,9 +52,11 @@ def test_chunked_prefill_equals_single_pass(engine):
 
 
 def test_blocked_attention_reads_only_visible_keys_and_matches_one_call(engine):
-    """The layer loop attends in blocks that leave out keys no query of the block can see: same output."""
+    """The layer loop attends in blocks that leave out keys no query of the block can see: same output. Rows
+    scattered over the cache (not one run of slots) go in blocks of ``scattered_block``."""
     torch.manual_seed(0)
-    runner = Runner(engine.lm.model, block=16)
+    runner = Runner(engine.lm.model, block=64)
+    assert runner.scattered_block == 16
     q, k, v = torch.randn(9, 40, 64), torch.randn(3, 100, 64), torch.randn(3, 100, 64)
     q_pos = torch.sort(torch.randperm(100)[:40]).values
     cache = KVCache(1, 3, 64, torch.float32, capacity=100)

@@ -9,10 +9,11 @@ import torch
 
 from kvstash.prompt import Segment
 from kvstash.reuse import make_method
-from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
+from kvstash.reuse.blend import AUTO_DEVIATION, AUTO_MAX, BlendConfig, BlendReuse, CacheBlendReuse, question_focus
 from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.layout import lay_out
 from kvstash.reuse.partial import NaiveReuse
-from kvstash.reuse.prefix import PrefixReuse
+from kvstash.reuse.prefix import PrefixReuse, exact_head
 from kvstash.reuse.report import PrefillReport
 from kvstash.reuse.source import ChunkSource
 
@@ -245,3 +246,56 @@ def test_the_report_names_the_tokens_each_method_computed(engine, source):
     assert [naive.recomputed_offsets(i) for i in docs] == [[]] * len(docs) and naive.focus is None
     for i, seg in enumerate(plan.segments):
         assert full.recomputed_offsets(i) == list(range(len(seg.token_ids)))
+
+
+def test_a_probe_through_fewer_layers_stops_there_and_keeps_the_budget(engine, source):
+    """probe_layers=None runs the question through every layer; with 3 the rows leave the pass after layer 3's
+    projections (no later layer sees a row) and the focus is summed over 3 layers; the budget is unchanged."""
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    runner = engine.runner
+    report = PrefillReport.for_plan("probe", plan)
+    cache = runner.new_cache(len(plan))
+    n = runner.drive(exact_head(runner, plan, cache, source, report, 512))
+    layout = runner.drive(lay_out(runner, plan, cache, source, n, report))
+    seen: list[int] = []
+    real = runner.qkv
+    runner.qkv = lambda layer, *a: seen.append(layer) or real(layer, *a)
+    try:
+        short = runner.drive(question_focus(runner, cache, layout, layers=3))
+    finally:
+        del runner.qkv
+    assert seen == [0, 1, 2, 3]
+    every = runner.drive(question_focus(runner, cache, layout))
+    assert short.shape == every.shape and 0 < short.sum() < every.sum()
+    assert not short[~layout.reused].any()  # computed tokens get no focus
+    pre = BlendReuse(BlendConfig(ratio=0.2, probe_layers=3)).prefill(runner, plan, source)
+    assert (
+        pre.report.recomputed_tokens
+        == BlendReuse(BlendConfig(ratio=0.2)).prefill(runner, plan, source).report.recomputed_tokens
+    )
+    with pytest.raises(ValueError, match="probe_layers must be >= 1"):
+        BlendConfig(probe_layers=0)
+
+
+def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine, source):
+    plan = _plan(engine, (2, 0, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    reused = sum(len(s.token_ids) for s in plan.segments if s.kind == "document")
+
+    def ratio(**kw):
+        pre = BlendReuse(BlendConfig(**kw)).prefill(engine.runner, plan, source)
+        docs = [s for s in pre.report.segments if s.kind == "document"]
+        assert sum(s.recomputed for s in docs) == round(pre.report.blend_ratio * reused)
+        return pre.report.blend_ratio
+
+    assert ratio(ratio=0.4, auto=1e-9) == 0.4  # every token deviates: the cap
+    assert ratio(ratio=0.4, auto=1e9, auto_min=0.05) == 0.05  # none does: the floor
+    mid = ratio(ratio=1.0, auto=0.05, auto_min=0.0)
+    assert 0.0 < mid < 1.0 and ratio(ratio=1.0, auto=0.2, auto_min=0.0) < mid  # a higher bar picks fewer
+    assert ratio(ratio=0.25) == 0.25  # a fixed ratio is reported as is
+    auto = make_method("blend:auto")
+    assert (auto.cfg.auto, auto.cfg.ratio) == (AUTO_DEVIATION, AUTO_MAX)
+    assert make_method("blend:auto", ratio=0.2).cfg.ratio == 0.2
+    with pytest.raises(ValueError, match="auto_min <= ratio"):
+        BlendConfig(ratio=0.1, auto=0.1, auto_min=0.2)
