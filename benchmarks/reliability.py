@@ -14,6 +14,8 @@ Checks (all greedy, model in float32 so answers can be compared exactly):
   ``kvstash store verify`` finds no partial record; every record left equals an uninterrupted run's.
 - ``redis outage``: clients chat about registered documents while Redis is killed and restarted empty ->
   every request answered, no document lost, the tier writes to Redis again without restarting kvstash.
+- ``cluster outage``: the same over a 3-node Redis Cluster, the node holding a document ``kill -9``-ed and
+  restarted empty.
 - ``disk full``: a disk tier on a tmpfs smaller than a few records (a byte budget smaller than a record
   where mounting fails) -> a warning, no corrupt record, answers equal those without the disk tier.
 - ``corrupt records``: every record of a disk and a Redis tier, fp16 and kivi4, damaged (bit flips,
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from redis.cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -49,6 +52,7 @@ from kvstash.cli.main import main as kvstash_main  # noqa: E402
 from kvstash.engine import Engine  # noqa: E402
 from kvstash.model.registry import load_model  # noqa: E402
 from kvstash.store import decode_record  # noqa: E402
+from tests.redis_cluster import RedisClusterProcesses  # noqa: E402
 from tests.redis_server import start_server  # noqa: E402
 from tests.server.test_app import ServerProcess, start_servers  # noqa: E402
 
@@ -102,41 +106,77 @@ def check_redis_outage(work: Path, clients: int, seconds: float, seed: int = 0) 
     """Chats naming registered documents from ``clients`` threads; Redis is killed a quarter of the way in
     and restarted empty at half time."""
     rds = start_server()
-    server = ServerProcess("--shutdown-timeout", "3", "--dtype", "float32", "--store", f"ram,{rds.url}")
+    try:
+        return _outage(rds.url, redis.Redis.from_url(rds.url), rds.stop, rds.start, clients, seconds, seed)
+    finally:
+        rds.cleanup()
+
+
+def check_cluster_outage(work: Path, clients: int, seconds: float, seed: int = 0) -> dict:
+    """The same over a 3-node Redis Cluster: the node that holds the first document is killed (``kill -9``) a
+    quarter of the way in and restarted empty (no persistence; its cluster config kept) at half time."""
+    cluster = RedisClusterProcesses()
+    cluster.start()
+    state: dict = {}
+    client = RedisCluster.from_url("redis://" + cluster.url.removeprefix("redis+cluster://").split(",")[0])
+
+    def kill() -> None:
+        node = state["node"] = cluster.node_of(f"kvstash-docs:kvstash:{state['ids'][0]}")
+        node._proc.kill()  # SIGKILL: no shutdown, no goodbye to the cluster
+        node._proc.wait()
+        node._proc = None
+
+    def restart() -> None:
+        state["node"].start()
+        cluster.wait_ok()
+
+    try:
+        out = _outage(cluster.url, client, kill, restart, clients, seconds, seed, state)
+        return {**out, "killed_node": state["node"].port}
+    finally:
+        client.close()
+        cluster.cleanup()
+
+
+def _outage(spec: str, client, kill, restart, clients: int, seconds: float, seed: int, state: dict | None = None):
+    """Clients chat about registered documents through a server on ``ram,<spec>``; ``kill`` at a quarter of
+    ``seconds``, ``restart`` (empty) at half time; then :func:`_outage_after`."""
+    server = ServerProcess("--shutdown-timeout", "3", "--dtype", "float32", "--store", f"ram,{spec}")
     try:
         start_servers(server)
         url = server.url
         ids = [httpx.post(url + "/v1/documents", json={"text": p.read_text()}, timeout=300).json()["id"]
                for p in DEMO_DOCS]  # fmt: skip
+        if state is not None:
+            state["ids"] = ids
         results: list[int] = []
         stop = threading.Event()
 
-        def client(i: int) -> None:
+        def chat(i: int) -> None:
             rng = random.Random(seed + i)
             while not stop.is_set():
                 results.append(_chat(url, rng.choice(QUESTIONS), [rng.choice(ids)], max_tokens=4)[0])
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         time.sleep(seconds / 4)
-        rds.stop()
+        kill()
         time.sleep(seconds / 4)
-        rds.start()  # empty
+        restart()
         time.sleep(seconds / 2)
         stop.set()
         for t in threads:
             t.join()
-        return _outage_after(url, rds.url, ids, results)
+        return _outage_after(url, client, ids, results)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
-        rds.cleanup()
 
 
-def _outage_after(url: str, redis_url: str, ids: list[str], results: list[int]) -> dict:
-    """What the outage left: every document still served and back in Redis; a new one's KV in Redis."""
-    client = redis.Redis.from_url(redis_url)
+def _outage_after(url: str, client, ids: list[str], results: list[int]) -> dict:
+    """What the outage left: every document still served and back in Redis; a new one's KV in Redis.
+    ``client``: a redis-py client of the store's Redis (or Redis Cluster)."""
     lost = sum(httpx.get(f"{url}/v1/documents/{i}").status_code != 200 for i in ids)
     lost += sum(not client.exists(f"kvstash-docs:kvstash:{i}") for i in ids)
     new = httpx.post(url + "/v1/documents", json={"text": "A new note, written after Redis came back."}, timeout=300)
@@ -298,7 +338,7 @@ def check_corruption(lm, work: Path, redis_url: str, n: int) -> dict:
 
 def _rows(r: dict) -> list[tuple[str, str, str, bool]]:
     """(check, size, result, passed) per check."""
-    h, c, k, o, d, x = (r[n] for n in ("hostile", "concurrent", "kill_ingest", "redis_outage", "disk_full", "corrupt"))
+    h, c, k, d, x = (r[n] for n in ("hostile", "concurrent", "kill_ingest", "disk_full", "corrupt"))
     return [
         ("hostile requests", f"{h['requests']}", f"{h['errors_5xx']} responses >= 500, healthy after: "
          f"{h['healthy_after']}", h["errors_5xx"] == 0 and h["healthy_after"]),
@@ -306,9 +346,13 @@ def _rows(r: dict) -> list[tuple[str, str, str, bool]]:
          f"{c['differ_from_alone']} answers differ from alone", c["errors"] == 0 and c["differ_from_alone"] == 0),
         ("kill -9 ingest", f"{k['kills']} kills", f"{k['partial_records']} partial records, {k['records_differ']} of "
          f"{k['records_at_kill']} records differ", k["partial_records"] == 0 and k["records_differ"] == 0),
-        ("Redis killed, restarted empty", f"{o['requests']} requests", f"{o['not_answered']} not answered, "
-         f"{o['documents_lost']} documents lost, reconnected: {o['tier_reconnected']}",
-         o["not_answered"] == 0 and o["documents_lost"] == 0 and o["tier_reconnected"]),
+    ] + [
+        (what, f"{o['requests']} requests", f"{o['not_answered']} not answered, {o['documents_lost']} documents "
+         f"lost, reconnected: {o['tier_reconnected']}",
+         o["not_answered"] == 0 and o["documents_lost"] == 0 and o["tier_reconnected"])
+        for what, o in (("Redis killed, restarted empty", r["redis_outage"]),
+                        ("Redis Cluster node killed (-9), restarted empty", r["cluster_outage"]))
+    ] + [
         ("disk full", f"{d['how']}, {d['asks']} asks", f"{d['answers_differ']} answers differ, {d['corrupt']} "
          f"corrupt, {d['writes_failed']} writes failed, warned: {bool(d['warnings'])}",
          d["answers_differ"] == 0 and d["corrupt"] == 0 and bool(d["warnings"])),
@@ -335,6 +379,7 @@ def run_all(sizes: dict, work: Path, seed: int) -> dict:
         server.log_path.unlink(missing_ok=True)
     done("kill_ingest", check_kill_ingest(work / "ingest", sizes["kills"], seed))
     done("redis_outage", check_redis_outage(work, 4, sizes["outage_s"], seed))
+    done("cluster_outage", check_cluster_outage(work, 4, sizes["outage_s"], seed))
     lm = load_model("smollm2-135m")
     done("disk_full", check_disk_full(lm, work / "disk-full", sizes["questions"]))
     rds = start_server()

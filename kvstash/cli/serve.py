@@ -86,6 +86,14 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
         "for any (default: none, no CORS headers; the playground is same-origin and needs none)",
     )
     p.add_argument(
+        "--registry-sync",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="with a Redis store: how often to copy the documents other servers registered into this server's own "
+        "copy, so a Redis outage does not lose them here (default 10; 0: never)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         metavar="BYTES",
         default="8MiB",
@@ -112,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         allowed_origins=tuple(args.allowed_origins.split(",")),
         max_body_bytes=parse_size(args.max_body_bytes),
+        registry_sync_s=args.registry_sync,
     )
     parse_spec(args.store)  # a bad spec fails now, not after the model has loaded
     logging.getLogger("kvstash.server").setLevel(logging.INFO)  # one JSON line per request

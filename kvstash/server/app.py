@@ -23,7 +23,7 @@ from fastapi.responses import PlainTextResponse
 
 from kvstash.batch.scheduler import Scheduler
 from kvstash.engine import Engine
-from kvstash.server.documents import open_registry
+from kvstash.server.documents import FallbackRegistry, open_registry
 from kvstash.server.errors import add_error_handlers
 from kvstash.server.metrics import CONTENT_TYPE, Metrics
 from kvstash.server.requestlog import RequestLog
@@ -49,6 +49,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     method = engine.method(config.reuse)
     registry = open_registry(engine.config.store)
+    if config.registry_sync_s > 0 and isinstance(registry, FallbackRegistry):
+        registry.start_mirror(config.registry_sync_s)
     engine.chunks  # noqa: B018 - open the store here, not lazily on the worker and the metrics thread at once
     metrics = Metrics()
     worker = Worker(Scheduler(engine, config.batch), config.max_queue, metrics.step, metrics.sequence_done)

@@ -205,6 +205,11 @@ class RedisRegistry(DocumentRegistry):
             self.mark_deleted(doc_id)
         return had
 
+    def ids(self) -> list[str]:
+        """Every registered document's id (a scan over every node of a cluster)."""
+        keys = self._call("scan", lambda: list(self._client.scan_iter(match=self.key_prefix + "doc-*", count=500)))
+        return [k.decode()[len(self.key_prefix) :] for k in keys]
+
     def mark_deleted(self, doc_id: str) -> None:
         """Leave the tombstone of ``doc_id`` (done by :meth:`delete` when the entry was there)."""
         self._call("set", lambda: self._client.set(self._tombstone(doc_id), b"1"))
@@ -224,6 +229,7 @@ class RegistryCounts:
     fallbacks: int = 0  # reads answered from the local copy because the shared registry failed
     writebacks: int = 0  # entries the shared registry had lost, written back from the local copy on use
     errors: int = 0  # shared registry operations that failed (each read, write or delete)
+    mirrored: int = 0  # documents another server registered, copied into this server's own copy
 
 
 class FallbackRegistry(DocumentRegistry):
@@ -234,7 +240,9 @@ class FallbackRegistry(DocumentRegistry):
     no timeouts) they are answered from the local copy and counted in ``counts.fallbacks``. A document the
     shared registry lacks but the local copy holds was lost (Redis restarted empty) unless a tombstone says it
     was deleted: it is written back on use. Registering during an outage succeeds locally (the entry reaches
-    Redis on its next use); deleting needs the shared registry (RegistryUnavailable, 503, during an outage)."""
+    Redis on its next use); deleting needs the shared registry (RegistryUnavailable, 503, during an outage).
+    :meth:`start_mirror` also copies, every few seconds, the documents other servers registered, so that an
+    outage costs only the documents registered since the last copy on another server."""
 
     def __init__(self, shared: RedisRegistry, local: DocumentRegistry, retry_interval: float = 1.0) -> None:
         self.shared, self.local = shared, local
@@ -245,6 +253,40 @@ class FallbackRegistry(DocumentRegistry):
         self._down_until = 0.0  # monotonic time until which the shared registry is not tried
         self._outage = False  # whether the last call to the shared registry failed
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._mirror: threading.Thread | None = None
+
+    def mirror(self) -> int:
+        """Copy the shared registry's documents this server does not hold yet into its own copy; returns how
+        many. RegistryUnavailable during an outage (nothing changes)."""
+        ids = self._shared("scan", lambda _: self.shared.ids(), None)
+        with self._lock:
+            missing = [i for i in ids if i not in self._known]
+        n = 0
+        for doc_id in missing:
+            doc = self._shared("get", self.shared.get, doc_id)
+            if doc is not None and not self._stop.is_set():
+                self._keep(doc)
+                n += 1
+        with self._lock:
+            self.counts.mirrored += n
+        return n
+
+    def start_mirror(self, interval_s: float) -> None:
+        """Run :meth:`mirror` now and every ``interval_s`` seconds on a daemon thread, until :meth:`close`."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.mirror()
+                except RegistryUnavailable:
+                    pass  # counted by _shared; the next round tries again
+                except Exception:  # noqa: BLE001 - a mirror round must never take the server down
+                    log.exception("document registry: copying other servers' documents failed")
+                self._stop.wait(interval_s)
+
+        self._mirror = threading.Thread(target=loop, name="kvstash-registry-mirror", daemon=True)
+        self._mirror.start()
 
     def get(self, doc_id: str) -> Document | None:
         try:
@@ -273,6 +315,9 @@ class FallbackRegistry(DocumentRegistry):
         return had or had_local
 
     def close(self) -> None:
+        self._stop.set()
+        if self._mirror is not None:
+            self._mirror.join(timeout=5)
         self.shared.close()
         self.local.close()
 

@@ -57,6 +57,7 @@ class RegistryCollector:
             ("fallbacks", counts.fallbacks, "Document reads answered from this server's copy: shared registry down."),
             ("writebacks", counts.writebacks, "Documents the shared registry had lost, written back on use."),
             ("errors", counts.errors, "Shared document registry operations that failed or were skipped."),
+            ("mirrored", counts.mirrored, "Documents other servers registered, copied into this server's copy."),
         ):
             yield CounterMetricFamily(f"kvstash_registry_{name}_total", help_, value=value)
 

@@ -41,6 +41,7 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)  # None: open; else Bearer KEY on /v1/*, /tokenize, ...
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none: no CORS headers
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    registry_sync_s: float = 10.0  # how often to copy other servers' documents from Redis (0: never)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -53,6 +54,8 @@ class ServerConfig:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not self.registry_sync_s >= 0:
+            raise ValueError(f"registry_sync_s must be >= 0 seconds (0: off), got {self.registry_sync_s}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; pass a non-empty key, or none to leave the API open")
         object.__setattr__(self, "allowed_origins", tuple(o.strip() for o in self.allowed_origins if o.strip()))

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from kvstash.server.documents import Document, RegistryUnavailable, document_id, open_registry
+from tests.redis_cluster import redis_cluster  # noqa: F401 - fixture
 from tests.redis_server import RedisServer, skip_without_redis, start_server
 from tests.server.test_app import DOC, ask, running_server
 
@@ -92,3 +93,37 @@ def test_a_deleted_document_is_not_written_back(redis_server: RedisServer, tmp_p
     assert b.get(doc.id) == doc and a.counts.writebacks + b.counts.writebacks == 1
     for reg in (a, b):
         reg.close()
+
+
+def test_a_document_another_server_registered_survives_an_outage_once_mirrored(redis_server: RedisServer):
+    """Server A registers a document B never served; B's mirror copies it, so with Redis down B still has it."""
+    a, b = open_registry(f"ram,{redis_server.url}"), open_registry(f"ram,{redis_server.url}")
+    docs = [Document(document_id(t), (t,), 3, 1) for t in ("first text", "second text")]
+    a.put(docs[0])
+    assert b.mirror() == 1 and b.mirror() == 0  # copied once; what B holds is not fetched again
+    a.put(docs[1])
+    b.start_mirror(0.05)
+    deadline = time.monotonic() + 5
+    while b.counts.mirrored < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert b.counts.mirrored == 2
+
+    redis_server.stop()
+    assert [b.get(d.id) for d in docs] == docs  # from B's own copy
+    assert b.counts.fallbacks == 2 and b.get(UNKNOWN) is None
+    with pytest.raises(RegistryUnavailable):
+        b.mirror()  # nothing copied while Redis is down; the loop keeps running
+    t = time.monotonic()
+    b.close()  # stops the mirror thread
+    assert time.monotonic() - t < 2 and not b._mirror.is_alive()
+    a.close()
+
+
+def test_the_registry_lists_every_document_across_a_cluster(redis_cluster):  # noqa: F811
+    reg = open_registry(redis_cluster.url)
+    docs = [Document(document_id(f"text {i}"), (f"text {i}",), 3, 1) for i in range(12)]
+    for d in docs:
+        reg.put(d)
+    assert len({redis_cluster.node_of(f"kvstash-docs:kvstash:{d.id}").port for d in docs}) > 1  # spread out
+    assert sorted(reg.shared.ids()) == sorted(d.id for d in docs)
+    reg.close()

@@ -1,6 +1,6 @@
 """The reliability checks of ``benchmarks/reliability.py`` at small sizes: hostile requests, concurrent
-clients, ``kill -9`` of an ingest, a full disk and corrupted records (the Redis outage under load is
-``test_documents_outage.py``'s, with one server)."""
+clients, ``kill -9`` of an ingest, a full disk, corrupted records and a Redis Cluster node killed and restarted
+empty under load (the single-Redis outage under load is ``test_documents_outage.py``'s)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_cluster import skip_without_cluster_tools
 from tests.redis_server import redis_url  # noqa: F401 - fixture
 from tests.server.test_app import running_server
 
@@ -51,3 +52,12 @@ def test_every_corrupted_record_is_recomputed(lm, tmp_path, redis_url):  # noqa:
     assert result["wrong_answers"] == 0
     for name, row in result["tiers"].items():
         assert 0 < row["found_corrupt"] <= row["records_damaged"], name
+
+
+def test_a_cluster_node_killed_and_restarted_empty_under_load_loses_no_request_and_no_document(tmp_path):
+    skip_without_cluster_tools()
+    result = reliability.check_cluster_outage(tmp_path, clients=2, seconds=8, seed=2)
+    assert result["requests"] > 0, result
+    assert (result["not_answered"], result["documents_lost"], result["tier_reconnected"]) == (0, 0, True), result
+    # the killed node held a document: its reads went to the server's own copy, then it was written back
+    assert result["fallbacks"] > 0 and result["writebacks"] > 0, result
