@@ -7,11 +7,14 @@
 Each server config starts as its own process on the same machine (2 threads). Workloads, the same requests
 in the same order for every config:
 
-- ``rag``: questions from MuSiQue, each naming 4-8 of its own passages (~2-4K-token prompts) in a shuffled
+- ``rag``: questions from MuSiQue, each naming 4-8 of its own passages (4-5K-token prompts) in a shuffled
   order, 32-token answers. kvstash gets the passages registered once through ``/v1/documents`` (their KV
   computed before the clock starts: a warm store) and named in the ``documents`` field; llama-server gets
   them inline in the user message after the same system prompt, with its prompt cache on.
 - ``chat``: chat requests without documents (an instruction and an NQ question), 64-token answers.
+
+Every answer runs to its max_tokens (``ignore_eos``, sent to both servers, as vLLM's serving benchmark does), so
+every config decodes the same number of tokens; ``--natural-length`` lets answers end where the model ends them.
 
 Load: closed loop, C concurrent streaming clients (``--levels``), each sending its next request when the
 last one finished; and an open loop with Poisson arrivals (``--rate``). Per level: requests/s, completion
@@ -57,6 +60,7 @@ class Request:
     question: str
     passages: list[str] = field(default_factory=list)
     max_tokens: int = 32
+    ignore_eos: bool = True  # answers run to max_tokens (fixed-length answers, as vLLM's serving benchmark)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Kvstash(Server):
 
     def body(self, req: Request) -> dict:
         body = {"messages": [{"role": "user", "content": req.question}], "max_tokens": req.max_tokens}
+        body["ignore_eos"] = req.ignore_eos
         if req.passages:
             body["documents"] = [self.doc_ids[p] for p in req.passages]
         return body
@@ -140,7 +145,7 @@ class LlamaServer(Server):
     def body(self, req: Request) -> dict:
         user = "\n\n".join([*(p.strip() for p in req.passages), req.question])
         return {"messages": [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": user}],
-                "max_tokens": req.max_tokens}  # fmt: skip
+                "max_tokens": req.max_tokens, "ignore_eos": req.ignore_eos}  # fmt: skip
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -224,10 +229,11 @@ def workloads(args) -> dict[str, list[Request]]:
     for i in range(total):
         ex = examples[i % len(examples)]
         k = rng.randint(4, 8)
-        rag.append(Request(f"rag{i}", ex.question, rng.sample(ex.documents, k), 32))
+        rag.append(Request(f"rag{i}", ex.question, rng.sample(ex.documents, k), 32, not args.natural_length))
     questions = [ex.question for ex in load_dataset("chat", n=total, seed=args.seed)]
     chat = [
-        Request(f"chat{i}", f"{CHAT[i % len(CHAT)]} Then answer this: {q}", [], 64) for i, q in enumerate(questions)
+        Request(f"chat{i}", f"{CHAT[i % len(CHAT)]} Then answer this: {q}", [], 64, not args.natural_length)
+        for i, q in enumerate(questions)
     ]
     return {"rag": rag, "chat": chat}
 
@@ -266,7 +272,7 @@ def run_config(config: str, work: dict[str, list[Request]], args) -> dict:
         server.wait_ready()
         passages = sorted({p for reqs in work.values() for r in reqs for p in r.passages})
         register_s = server.register(passages)
-        asyncio.run(closed_loop(server, work["rag"][:1] + work["chat"][:1], 1))  # warm-up: allocator, prefix head
+        asyncio.run(closed_loop(server, [reqs[0] for reqs in work.values()], 1))  # warm-up: allocator, prefix head
         out = {"config": config, "register_s": round(register_s, 1), "levels": []}
         for name, reqs in work.items():
             levels = [int(x) for x in (args.peer_levels if config == "llama-server" else args.levels).split(",")]
@@ -371,6 +377,12 @@ def main() -> None:
         help="Poisson arrivals per second per workload, for the batched kvstash servers, e.g. '{\"rag\": 1}'",
     )
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let answers end at the model's end-of-sequence token (default: every answer runs to its max_tokens, "
+        "sent as ignore_eos to both servers, so every config decodes the same tokens)",
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--seed", type=int, default=0)

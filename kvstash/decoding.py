@@ -147,7 +147,7 @@ class Decoding:
         if self.token is not None:
             self.position += 1  # the previous token was fed at the old position
         delta = ""
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
         else:
             if self.logprobs is not None and self._chosen is not None and self._chosen.token_id == token:

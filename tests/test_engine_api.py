@@ -49,6 +49,18 @@ def test_max_tokens_gives_length_finish(engine):
     assert r.completion_tokens == 5 and r.finish_reason == "length"
 
 
+def test_ignore_eos_goes_on_to_max_tokens(engine):
+    q = "What is the capital of France?"
+    plain = engine.ask(q, max_tokens=24)
+    assert plain.finish_reason == "stop" and plain.completion_tokens < 20
+    r = engine.ask(q, max_tokens=20, ignore_eos=True)
+    assert r.completion_tokens == 20 and r.finish_reason == "length"
+    assert r.token_ids[: plain.completion_tokens] == plain.token_ids  # the same answer up to its end
+    assert r.token_ids[plain.completion_tokens] in engine.eos_ids  # then the end-of-sequence token, kept
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos="yes")
+
+
 def test_streaming_equals_non_streaming(engine):
     segs = [Segment(DOCS[1]), Segment("Name the cities on the Danube.", "user")]
     params = SamplingParams(max_tokens=30, stop=("Budapest",))

@@ -48,6 +48,7 @@ def answer(engine, question: str, docs: list[str], args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
     )
     segs = ([Segment(args.system, "system")] if args.system else []) + [Segment(d) for d in docs]
     segs.append(Segment(question, "user"))

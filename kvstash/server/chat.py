@@ -72,6 +72,7 @@ def sampling_params(
         seed=req.seed,
         stop=tuple(stop),
         logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
     )
 
 

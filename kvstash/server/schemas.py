@@ -68,6 +68,7 @@ class ChatRequest(_Request):
     max_completion_tokens: StrictInt | None = None  # newer clients send this instead of max_tokens
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: answer to max_tokens even past an end-of-sequence token
     n: StrictInt | None = None  # only 1 is supported
     logprobs: StrictBool | None = False  # each answer token's log-probability, in choices[].logprobs.content
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs: alternatives per token
@@ -188,6 +189,7 @@ class CompletionRequest(_Request):
     max_tokens: StrictInt | None = None  # 16 when omitted, as in the OpenAI API
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
+    ignore_eos: StrictBool = False  # as in chat
     n: StrictInt | None = None  # only 1 is supported
     logprobs: StrictInt | None = Field(None, ge=0, le=5)  # the chosen token's and this many likeliest per token
     echo: StrictBool = False  # only False is supported

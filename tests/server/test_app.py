@@ -128,6 +128,7 @@ BAD_REQUESTS = {
     "bad role": ({"messages": [{"role": "robot", "content": "Hi"}]}, 400, "literal_error"),
     "unknown model": ({"messages": USER, "model": "gpt-4o"}, 404, "model_not_found"),
     "unknown document": ({"messages": USER, "documents": ["doc-" + "0" * 24]}, 404, "document_not_found"),
+    "ignore_eos not a bool": ({"messages": USER, "ignore_eos": "yes"}, 400, "bool_type"),
     "max_tokens 0": ({"messages": USER, "max_tokens": 0}, 400, "invalid_value"),
     "max_tokens too large": ({"messages": USER, "max_tokens": 10**9}, 400, "invalid_value"),
     "context overflow": (
@@ -153,6 +154,10 @@ def test_chat_non_streamed(server):
     cut = ask(server.client(), "What is the capital of France?", max_tokens=3)
     assert cut.choices[0].message.content == "The capital of"
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+    # vLLM's ignore_eos (through the official client's extra_body): the same answer, then on to max_tokens
+    on = ask(server.client(), "What is the capital of France?", max_tokens=12, extra_body={"ignore_eos": True})
+    assert on.choices[0].message.content.startswith("The capital of France is Paris.")
+    assert on.choices[0].finish_reason == "length" and on.usage.completion_tokens == 12
 
 
 def test_chat_streamed(server):
