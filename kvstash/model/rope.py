@@ -42,8 +42,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     # x: [heads, T, head_dim]; cos, sin: [T, head_dim] -> x rotated, in ``dtype`` (default x's)
+    # x * cos + rotate_half(x) * sin, in float32, written half by half into one buffer (the same operations,
+    # so the same bits, without the rotated copy and two full-size temporaries)
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(dtype or x.dtype)
+    half = x.shape[-1] // 2
+    out = xf * cos
+    out[..., :half] -= xf[..., half:] * sin[..., :half]
+    out[..., half:] += xf[..., :half] * sin[..., half:]
+    return out.to(dtype or x.dtype)
 
 
 def reposition(
