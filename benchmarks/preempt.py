@@ -1,14 +1,14 @@
-"""Preempting a sequence to stay in the KV budget: recompute its KV later, or swap it out to the disk tier?
+"""Preempting a sequence to stay in the KV budget: recompute its KV later, or swap it out to a file and back?
 
     .venv/bin/python benchmarks/preempt.py --passages 7 --generated 64
 
 For a RAG prompt (MuSiQue passages in a warm store) with ``--generated`` answer tokens, in the serving dtype:
 
 - recompute: the prompt through the reuse method (blend or full) again, then the answer so far in one plain
-  pass -- what the scheduler does;
-- swap: the whole cache written as one record to a disk tier (fp16 codec, checksummed, fsynced like every
-  record), then read back and copied into a fresh cache. On a CPU the KV lives in the same RAM as everything
-  else, so only a swap to disk frees memory.
+  pass -- what the scheduler does with ``--preempt recompute`` or a cache it cannot swap;
+- swap: the scheduler's own :class:`kvstash.batch.swap.SwapSpace` (the default): the cache written to a
+  safetensors file in a temporary directory, read back into a fresh cache, the file removed. On a CPU the KV
+  lives in the same RAM as everything else, so only a swap to a file frees memory.
 
 Medians of ``--repeats`` runs (after one warm-up), 2 threads.
 """
@@ -22,10 +22,10 @@ import time
 
 import torch
 
+from kvstash.batch.swap import SwapSpace
 from kvstash.bench.datasets import load_dataset
 from kvstash.engine import Engine, EngineConfig
 from kvstash.prompt import Segment
-from kvstash.store import ChunkKV, DiskTier, StoreConfig
 
 
 def timed(fn, repeats: int) -> float:
@@ -64,20 +64,13 @@ def main() -> None:
     rows = {f"recompute ({reuse})": timed(recompute(reuse), args.repeats) for reuse in ("blend", "full")}
     cache = whole.cache
     with tempfile.TemporaryDirectory() as root:
-        tier = DiskTier(StoreConfig(engine.lm.fingerprint, "fp16"), root)
-        ids = list(plan.token_ids) + answer
-        key = tier.config.key(ids)
+        space = SwapSpace(root)
 
         def swap() -> None:
-            chunk = ChunkKV(ids, cache.keys.clone(), cache.values.clone(), cache.positions.clone())
-            assert tier.put(key, chunk)
-            back = tier.get(key, ids).chunk
-            fresh = engine.runner.new_cache(len(ids) + 64)
-            fresh.extend(back.keys, back.values, back.positions)
-            tier.delete(key)
+            back = space.load(space.save("seq", cache), engine.runner, room=64)
+            assert back is not None and back.length == cache.length
 
-        rows["swap to disk and back"] = timed(swap, args.repeats)
-        tier.close()  # push its counters while the directory still exists
+        rows["swap to a file and back"] = timed(swap, args.repeats)
     mib = cache.nbytes / 2**20
     print(f"prompt {n} tokens + {len(answer)} generated, {args.dtype}, KV {mib:.0f} MiB")
     print("| way back | seconds |\n|---|---|")

@@ -12,9 +12,12 @@ A prompt's KV is built by its own reuse method (``full``, ``prefix``, ``naive``,
 steps (:data:`kvstash.model.runner.Steps`) run inside the batch; then the sequence decodes with the others.
 
 Memory: a sequence is admitted only while the KV bytes of all running sequences, plus its prompt's, stay
-within ``kv_budget``; when decoding sequences outgrow it, the newest is preempted (its KV dropped, recomputed
-when it is admitted again: its prompt through the reuse method, its generated tokens in one plain pass). A
-request whose prompt and answer could never fit is refused when it is added, before any compute.
+within ``kv_budget``; when decoding sequences outgrow it, the newest is preempted: its KV is swapped out to a
+file and read back when it is admitted again (:mod:`kvstash.batch.swap`; about a third of the cost of
+recomputing a 4K-token sequence), or, where it cannot be swapped (``swap=False``, a quantized or evicted
+cache, a failed write or read), dropped and recomputed: its prompt through the reuse method, its generated
+tokens in one plain pass. A request whose prompt and answer could never fit is refused when it is added,
+before any compute.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from kvstash.batch.budget import default_kv_budget
 from kvstash.batch.sequence import Sequence, State
+from kvstash.batch.swap import SwapSpace
 from kvstash.compress.pipeline import Compression
 from kvstash.decoding import Decoding
 from kvstash.model.runner import Rows, Runner, Steps
@@ -37,6 +41,8 @@ from kvstash.reuse.base import Prefilled, ReuseMethod
 from kvstash.reuse.source import ChunkSource
 from kvstash.sampling import SamplingParams
 from kvstash.speculate.speculation import SpecConfig, Stepper
+
+ADMIT_ROOM = 64  # free slots a sequence is admitted with beyond its tokens (its first answer tokens)
 
 
 class EngineParts(Protocol):
@@ -55,6 +61,8 @@ class BatchConfig:
     max_batch: int = 16  # sequences admitted at once (prefilling or decoding)
     max_batch_tokens: int = 512  # rows per step; a single prefill pass larger than this still runs (alone)
     kv_budget: int | None = None  # bytes of KV all running sequences may hold; None: a quarter of the RAM
+    swap: bool = True  # preempted sequences' KV to a file and back (else dropped and recomputed)
+    swap_dir: str | None = None  # where swapped KV goes; None: a private temporary directory
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -84,6 +92,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: prefilling and decoding
         self.preemptions = 0
+        self.swap = SwapSpace(self.config.swap_dir) if self.config.swap else None
 
     # --- requests ----------------------------------------------------------------------------------------
     def add(
@@ -180,7 +189,7 @@ class Scheduler:
     def _held(self, seq: Sequence) -> int:
         if seq.pre is not None:
             return seq.pre.cache.reserved_nbytes
-        return (seq.prompt_tokens + 64) * self.slot_bytes  # what its prefill will allocate
+        return (seq.prompt_tokens + ADMIT_ROOM) * self.slot_bytes  # what its prefill will allocate
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
@@ -192,10 +201,12 @@ class Scheduler:
 
     def _held_after_admit(self, seq: Sequence) -> int:
         fed = 0 if seq.dec is None else len(seq.dec.token_ids)
-        return (seq.prompt_tokens + fed + 64) * self.slot_bytes
+        return (seq.prompt_tokens + fed + ADMIT_ROOM) * self.slot_bytes
 
     def _start(self, seq: Sequence) -> None:
         seq.admitted = seq.admitted or time.perf_counter()
+        if seq.swapped is not None and self._swap_in(seq):
+            return
         seq.state, seq.pre = State.PREFILL, None
         seq.steps = self._prefill_steps(seq)
         self.running.append(seq)
@@ -247,10 +258,25 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.swap is not None and seq.pre.decode_hook is None and self.swap.can_swap(seq.pre.cache):
+            path = self.swap.save(f"seq-{seq.id}", seq.pre.cache)
+            seq.swapped = None if path is None else (path, replace(seq.pre, cache=None))
         seq.state, seq.pre, seq.steps, seq.pending, seq.stepper = State.WAITING, None, None, None, None
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _swap_in(self, seq: Sequence) -> bool:
+        """Resume a swapped-out sequence from its file, decoding where it stopped; False if the file did not
+        read back (the caller recomputes instead)."""
+        (path, pre), seq.swapped = seq.swapped, None
+        cache = self.swap.load(path, self.runner, room=ADMIT_ROOM)  # the room admission counted it for
+        if cache is None:
+            return False
+        seq.pre, seq.state = replace(pre, cache=cache), State.DECODE
+        seq.stepper = Stepper(seq.dec, seq.pre, seq.speculate)
+        self.running.append(seq)
+        return True
 
     # --- results ---------------------------------------------------------------------------------------------
     def _prefilled(self, seq: Sequence, pre: Prefilled) -> None:
@@ -289,5 +315,8 @@ class Scheduler:
             seq.result = seq.dec.result(seq.pre.report, seq.ttft_s, decode_s, seq.kv_bytes)
             seq.result.speculation = seq.stepper.stats if seq.stepper is not None else None
         seq.pre, seq.steps, seq.pending = None, None, None  # the KV goes now
+        if seq.swapped is not None:  # cancelled while swapped out
+            SwapSpace.drop(seq.swapped[0])
+            seq.swapped = None
         if seq.on_done is not None:
             seq.on_done(seq)

@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvstash.compress.pipeline import Compression
@@ -56,6 +57,7 @@ class Sequence:
     error: BaseException | None = None
     cancelled: bool = False
     preemptions: int = 0
+    swapped: tuple[Path, Prefilled] | None = None  # preempted with its KV in a swap file: (file, the rest)
 
     @property
     def prompt_tokens(self) -> int:

@@ -36,6 +36,20 @@ def register(sub) -> None:
     )
     add_speculate_arg(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
+    _add_batch_args(p)
+    p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="on SIGTERM, how long the running generations may take to finish (default 10)",
+    )
+    _add_security_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch",
         type=int,
@@ -55,19 +69,17 @@ def register(sub) -> None:
         "--kv-budget",
         metavar="BYTES",
         help="KV cache all requests in the batch may hold, e.g. 6GiB (default: a quarter of the RAM); a request "
-        "is admitted when its prompt's KV fits, the newest is preempted (and recomputed later) when decoding "
-        "outgrows it, and one that could never fit gets a 400",
+        "is admitted when its prompt's KV fits, the newest is preempted (its KV swapped to a file, see "
+        "--preempt) when decoding outgrows it, and one that could never fit gets a 400",
     )
-    p.add_argument("--chunk-tokens", type=int, default=256, help="about how many tokens per document chunk (256)")
     p.add_argument(
-        "--shutdown-timeout",
-        type=int,
-        default=10,
-        metavar="SECONDS",
-        help="on SIGTERM, how long the running generations may take to finish (default 10)",
+        "--preempt",
+        choices=("swap", "recompute"),
+        default="swap",
+        help="what happens to a preempted request's KV: 'swap' writes it to a file and reads it back when the "
+        "request resumes (default; a cache that cannot be swapped is recomputed), 'recompute' drops it",
     )
-    _add_security_args(p)
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--swap-dir", metavar="DIR", help="where swapped KV goes (default: a private temporary directory)")
 
 
 def _add_security_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
         kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
+        swap=args.preempt == "swap",
+        swap_dir=args.swap_dir,
         speculate=args.speculate,
         api_key=args.api_key or None,
         allowed_origins=tuple(args.allowed_origins.split(",")),

@@ -35,6 +35,8 @@ class ServerConfig:
     max_batch: int = 16  # sequences decoding together (1: one at a time)
     max_batch_tokens: int = 512  # rows per batched step: decode tokens plus prompt chunks
     kv_budget: int | None = None  # bytes of KV all requests in the batch may hold (None: a quarter of the RAM)
+    swap: bool = True  # a preempted request's KV to a file and back (else dropped and recomputed)
+    swap_dir: str | None = None  # where swapped KV goes (None: a private temporary directory)
     speculate: str = "off"  # speculative decoding of answers: off | ngram
     chunk_tokens: int = 256  # about how many tokens one document chunk holds
     shutdown_timeout_s: int = 10  # on SIGTERM, how long the running generation may take to finish
@@ -65,7 +67,7 @@ class ServerConfig:
 
     @property
     def batch(self) -> BatchConfig:
-        return BatchConfig(self.max_batch, self.max_batch_tokens, self.kv_budget)
+        return BatchConfig(self.max_batch, self.max_batch_tokens, self.kv_budget, self.swap, self.swap_dir)
 
 
 @dataclass

@@ -79,18 +79,27 @@ def test_steps_mix_prefill_chunks_with_decoding(small):
     ]
 
 
-def test_a_small_kv_budget_preempts_and_still_answers_the_same(small):
-    """Two sequences fit at first; when decoding makes a cache grow past the budget, the newest is dropped and
-    recomputed later (prompt through its reuse method, its answer so far in one pass)."""
-    long_answers = ("List the numbers from 1 to 100, separated by commas.", "Write a long story about a river.")
-    prompts = [[Segment(q, "user")] for q in long_answers]
-    params = SamplingParams(max_tokens=90)
-    alone = [small.generate(p, params) for p in prompts]
-    assert all(a.completion_tokens == 90 for a in alone)  # both caches must grow past prompt + 64 slots
-    sched = Scheduler(small, BatchConfig(max_batch=2, kv_budget=1))  # replaced below, once sizes are known
+LONG_ANSWERS = ("List the numbers from 1 to 100, separated by commas.", "Write a long story about a river.")
+
+
+def _preempting(small, **config):
+    """Two sequences that fit at first, in a budget one of them outgrows while decoding (90-token answers)."""
+    prompts = [[Segment(q, "user")] for q in LONG_ANSWERS]
+    sched = Scheduler(small, BatchConfig(max_batch=2, kv_budget=1, **config))  # replaced below, once sizes are known
     plans = [small.plan(p) for p in prompts]
     sched.kv_budget = sched.slot_bytes * (sum(len(p) + 64 for p in plans) + 30)  # one grows by 27, not both
-    seqs = [sched.add(plan, params, small.method("full")) for plan in plans]
+    seqs = [sched.add(plan, SamplingParams(max_tokens=90), small.method("full")) for plan in plans]
+    return prompts, sched, seqs
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_a_small_kv_budget_preempts_and_still_answers_the_same(small, tmp_path, swap):
+    """When decoding makes a cache grow past the budget, the newest is preempted: its KV swapped to a file and
+    read back (or, with swap off, dropped and recomputed: prompt through its reuse method, answer so far in one
+    pass). Either way the answers are the ones each gets alone, and no swap file is left behind."""
+    prompts, sched, seqs = _preempting(small, swap=swap, swap_dir=str(tmp_path))
+    alone = [small.generate(p, SamplingParams(max_tokens=90)) for p in prompts]
+    assert all(a.completion_tokens == 90 for a in alone)  # both caches must grow past prompt + 64 slots
     peak = 0
     while sched.has_work:
         sched.step()
@@ -98,6 +107,32 @@ def test_a_small_kv_budget_preempts_and_still_answers_the_same(small):
     assert sched.preemptions >= 1 and seqs[1].preemptions >= 1
     assert peak <= sched.kv_budget
     assert [s.result.token_ids for s in seqs] == [a.token_ids for a in alone]
+    if swap:
+        assert sched.swap.written == sched.swap.read == sched.preemptions and sched.swap.failed == 0
+    else:
+        assert sched.swap is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unwritable"])
+def test_a_swap_that_fails_falls_back_to_recomputing(small, tmp_path, damage):
+    """A swap file cut short before it is read back, or a swap directory that cannot be written: the sequence
+    is recomputed instead, counted, and still answers exactly as alone."""
+    swap_dir = tmp_path / "swap"
+    if damage == "unwritable":
+        swap_dir.write_text("a file where the directory should be")
+    prompts, sched, seqs = _preempting(small, swap_dir=str(swap_dir))
+    alone = [small.generate(p, SamplingParams(max_tokens=90)) for p in prompts]
+    while sched.has_work:
+        sched.step()
+        for seq in seqs:
+            if seq.swapped is not None and damage == "truncated":
+                path = seq.swapped[0]
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert sched.preemptions >= 1 and sched.swap.failed >= 1 and sched.swap.read == 0
+    assert [s.result.token_ids for s in seqs] == [a.token_ids for a in alone]
+    if damage == "truncated":
+        assert list(swap_dir.iterdir()) == []
 
 
 def test_a_request_that_can_never_fit_is_refused_before_any_compute(small):
