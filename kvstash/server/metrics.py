@@ -64,6 +64,7 @@ class Metrics:
         self.tpot = Histogram(TPOT_BUCKETS)
         self.queue = Histogram(QUEUE_BUCKETS)
         self.preemptions = 0
+        self.swap = {"written": 0, "read": 0, "failed": 0}  # preempted KV to swap files and back (the scheduler's)
         self.steps = 0
         self._live: tuple[Sequence[TierStats], int, int] = ((), 0, 0)  # tiers, queued, running: set by render
         self.registry = CollectorRegistry(auto_describe=False)
@@ -88,6 +89,8 @@ class Metrics:
         with self._lock:
             self.steps += 1
             self.preemptions += stats.preempted
+            if scheduler.swap is not None:
+                self.swap = {k: getattr(scheduler.swap, k) for k in self.swap}
             if stats.decoding:
                 self.batch_size.observe(stats.decoding)
 
@@ -159,6 +162,14 @@ class _Collector:
         yield CounterMetricFamily(
             "kvstash_preemptions_total", "Requests preempted to stay in the KV budget.", value=m.preemptions
         )
+        swaps = CounterMetricFamily(
+            "kvstash_swap",
+            "Preempted KV written to swap files, read back, or failed (then recomputed).",
+            labels=["event"],
+        )
+        for event, n in m.swap.items():
+            swaps.add_metric([event], n)
+        yield swaps
         yield CounterMetricFamily("kvstash_steps_total", "Batched steps run.", value=m.steps)
 
 

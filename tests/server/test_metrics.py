@@ -45,6 +45,8 @@ def test_names_labels_and_values():
         "kvstash_running 2.0",
         'kvstash_batch_size_bucket{le="1"} 0.0',
         "kvstash_preemptions_total 0.0",
+        'kvstash_swap_total{event="written"} 0.0',
+        'kvstash_swap_total{event="failed"} 0.0',
         "kvstash_steps_total 0.0",
         "# TYPE kvstash_requests_total counter",
         "# TYPE kvstash_ttft_seconds histogram",
@@ -60,3 +62,21 @@ def test_each_app_has_its_own_registry():
     a.request("GET", "/health", 200)
     assert 'route="/health"' in a.render([], 0, 0) and 'route="/health"' not in b.render([], 0, 0)
     assert "kvstash_cache_hit_rate 0.0" in b.render([], 0, 0)  # no lookups yet
+
+
+def test_steps_count_preemptions_and_the_schedulers_swaps():
+    from kvstash.batch.scheduler import StepStats
+
+    m = Metrics()
+    swap = SimpleNamespace(written=3, read=2, failed=1)
+    m.step(StepStats(decoding=4, prefill_tokens=0, seconds=0.05, preempted=2), SimpleNamespace(swap=swap))
+    m.step(StepStats(decoding=2, prefill_tokens=0, seconds=0.05, preempted=1), SimpleNamespace(swap=None))
+    lines = set(m.render([], queued=0, running=0).splitlines())
+    for line in (
+        "kvstash_preemptions_total 3.0",
+        'kvstash_swap_total{event="written"} 3.0',
+        'kvstash_swap_total{event="read"} 2.0',
+        'kvstash_swap_total{event="failed"} 1.0',
+        "kvstash_steps_total 2.0",
+    ):
+        assert line in lines, line
