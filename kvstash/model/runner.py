@@ -198,6 +198,7 @@ class Runner:
                 rows._run = _first_of_run(rows.slots)
         hs = [self.embed(rows.ids) for rows in batch]
         rope = [self.rope.cos_sin(rows.positions) for rows in batch]
+        plain = [_one_plain_token(rows) for rows in batch]
         for layer in range(self.num_layers):
             if not any(len(rows.positions) for rows in batch):
                 break  # every row has left the pass (a probe that stops early)
@@ -207,6 +208,9 @@ class Runner:
                 t = len(rows.positions)
                 qi, ki, vi = q[:, offset : offset + t], k[:, offset : offset + t], v[:, offset : offset + t]
                 offset += t
+                if plain[i]:
+                    outs.append(self._attend_token(layer, rows, qi, ki, vi))
+                    continue
                 qi, ki, vi, hs[i], rope[i] = self._select(layer, rows, qi, ki, vi, hs[i], rope[i])
                 outs.append(self._attend_rows(layer, rows, qi))
             h = self.finish(layer, _cat(hs), _cat(outs))
@@ -255,6 +259,19 @@ class Runner:
             m = None if m is None else m[:, :n]
             outs.append(self._attend_block(layer, hook, q[:, s : s + size], k_all[:, :n], v_all[:, :n], m))
         return _cat(outs)
+
+    def _attend_token(self, layer: int, rows: Rows, q, k, v) -> torch.Tensor:
+        """:meth:`_select` then :meth:`_attend_rows` for one decoding row with no hook and no draft tree, without
+        their general machinery (the same calls on the same tensors): K/V written at its slot, attention over the
+        keys it can see. q: [H, 1, D]; k, v: [KVH, 1, D] -> [1, H*D]."""
+        cache = rows.cache
+        cache.write(layer, rows._run, k, v)
+        k_all, v_all, _ = cache.layer(layer)
+        mask = rows.mask(layer)
+        if mask is not None and mask.dim() == 2:
+            n = rows.visible(0, mask)
+            k_all, v_all, mask = k_all[:, :n], v_all[:, :n], mask[:, :n]
+        return self.attend(q, k_all, v_all, mask)
 
     def _attend_block(self, layer: int, hook: LayerHook | None, q, k, v, mask) -> torch.Tensor:
         out = hook.attend(layer, q, k, v, mask) if hook is not None else None
@@ -320,6 +337,11 @@ def tree_mask(mask: torch.Tensor | None, tree: torch.Tensor, t: int, n: int) -> 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _one_plain_token(rows: Rows) -> bool:
+    """One row (a decoding step), no hook, no draft tree, written to the slot appended for it."""
+    return len(rows.positions) == 1 and rows.hook is None and rows.tree is None and rows.write and rows._run is not None
 
 
 def _first_of_run(slots: torch.Tensor) -> int | None:
