@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_mask, visible_keys
-from kvstash.model.fused import fuse_layers
 from kvstash.model.rope import Rope, apply_rope
 
 T = TypeVar("T")
@@ -135,7 +134,6 @@ class Runner:
         # queries per call when the rows are scattered over the cache (blend's chosen tokens): each block reads
         # the keys up to its last row, so smaller blocks skip more of the keys causality hides
         self.scattered_block = max(1, block // 4)
-        self.fused = fuse_layers(self.layers)  # q/k/v and gate/up in one matmul each (bf16), else None
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
@@ -149,14 +147,9 @@ class Runner:
         attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         t = h.shape[0]
-        if self.fused is not None:
-            f = self.fused[layer]
-            q, k, v = F.linear(x, f.qkv).split([f.q_out, f.kv_out, f.kv_out], dim=-1)
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.reshape(t, self.num_heads, self.head_dim).transpose(0, 1)
-        k = k.reshape(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = v.reshape(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -173,11 +166,7 @@ class Runner:
         """Output projection, residual, MLP, residual. h, result: [T, hidden]."""
         block = self.layers[layer]
         h = h + block.self_attn.o_proj(attn_out)
-        x = block.post_attention_layernorm(h)
-        if self.fused is None:
-            return h + block.mlp(x)
-        gate, up = F.linear(x, self.fused[layer].gate_up).split(self.fused[layer].intermediate, dim=-1)
-        return h + block.mlp.down_proj(block.mlp.act_fn(gate) * up)
+        return h + block.mlp(block.post_attention_layernorm(h))
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
