@@ -9,6 +9,8 @@ problem costs time, never a wrong answer.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -22,13 +24,19 @@ from safetensors.torch import load_file, save_file
 from kvstash.cache.kv import KVCache
 from kvstash.model.runner import Runner
 
+log = logging.getLogger("kvstash.batch")
+_spaces = itertools.count(1)
+
 
 class SwapSpace:
     """Files of swapped-out caches in ``directory`` (None: a private temporary directory, made on first use
-    and removed with this object). Counts what it did in ``written``, ``read`` and ``failed``."""
+    and removed with this object). File names carry the process id and this space's number, so servers sharing
+    a directory never overwrite each other's. Counts what it did in ``written``, ``read`` and ``failed``; a
+    failure is also logged with its reason."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self._dir = Path(directory) if directory is not None else None
+        self._prefix = f"kvstash-swap-{os.getpid()}-{next(_spaces)}-"
         self.written = self.read = self.failed = 0
 
     @staticmethod
@@ -43,12 +51,13 @@ class SwapSpace:
         if cache.bias is not None:
             tensors["bias"] = cache.bias[:, :, :n]
         try:
-            path = self._directory() / f"{name}.safetensors"
+            path = self._directory() / f"{self._prefix}{name}.safetensors"
             part = path.with_suffix(".part")
             save_file({k: t.contiguous() for k, t in tensors.items()}, str(part))
             part.replace(path)
-        except OSError:
+        except OSError as e:
             self.failed += 1
+            log.warning("could not swap out %s (it will be recomputed instead): %s", name, e)
             return None
         self.written += 1
         return path
@@ -66,8 +75,9 @@ class SwapSpace:
             if "bias" in t:
                 cache.bias = torch.zeros(cache.layers, cache.kv_heads, cache.capacity)
                 cache.bias[:, :, : positions.shape[0]] = t["bias"]
-        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError):
+        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
             self.failed += 1
+            log.warning("could not read back swap file %s (recomputing instead): %s", path, e)
             return None
         finally:
             self.drop(path)

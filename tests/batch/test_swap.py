@@ -47,3 +47,14 @@ def test_damaged_or_foreign_files_are_refused_and_odd_caches_are_not_swapped(eng
     assert not SwapSpace.can_swap(evicted) and SwapSpace.can_swap(_cache(runner))
     quantized = QuantizedKVCache(runner.num_layers, runner.kv_heads, runner.head_dim, runner.dtype, KVQuantConfig())
     assert not SwapSpace.can_swap(quantized)
+
+
+def test_two_spaces_sharing_a_directory_keep_their_own_files(engine, tmp_path):
+    """Two servers pointed at one --swap-dir: the same sequence name gives two files, each read back as its own."""
+    runner = engine.runner
+    a, b = SwapSpace(tmp_path), SwapSpace(tmp_path)
+    first, second = _cache(runner, n=5), _cache(runner, n=9)
+    pa, pb = a.save("seq-1", first), b.save("seq-1", second)
+    assert pa != pb and len(list(tmp_path.iterdir())) == 2
+    assert a.load(pa, runner).length == 5 and b.load(pb, runner).length == 9
+    assert list(tmp_path.iterdir()) == []
