@@ -172,7 +172,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per method and prompt (median kept)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bf16 where the CPU has it"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--store", default="ram:4GiB", help="store spec the chunks are read from")

@@ -153,7 +153,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["blend:0.15", "cacheblend:0.15", "naive"])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1, help="timed prefills per method and prompt (median kept)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bf16 where the CPU has it"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--out", type=Path, default=Path("out/blend-eval"))

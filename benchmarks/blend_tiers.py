@@ -130,7 +130,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="blend", help="reuse spec to time (default: blend)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bf16 where the CPU has it"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--out", type=Path, default=Path("out/blend-tiers.json"))

@@ -1,6 +1,7 @@
 """Compute dtype for serving: bf16 and weight-only int8 against fp32, in speed and in answers.
 
     .venv/bin/python benchmarks/dtype.py --n 25 --out out/dtype
+    .venv/bin/python benchmarks/dtype.py --dtypes fp32,bf16 --speed-only   # speed on this CPU, ~3 min
 
 Speed (2 threads): prefill tokens/s on a 2K-token prompt; decode tokens/s with one sequence and with 8
 decoding together (``Engine.generate_many``, 64-token answers to chat prompts). Quality, on prompts of
@@ -24,6 +25,7 @@ from kvstash.batch.scheduler import BatchConfig
 from kvstash.bench.datasets import load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
 from kvstash.engine import Engine, EngineConfig
+from kvstash.model.dtype import native_bf16
 from kvstash.prompt import Segment
 from kvstash.sampling import SamplingParams
 
@@ -69,10 +71,26 @@ def to_int8(engine: Engine) -> Engine:
     return engine
 
 
-def engines() -> dict[str, Engine]:
-    out = {"fp32": Engine(EngineConfig(dtype="float32")), "bf16": Engine(EngineConfig(dtype="bfloat16"))}
-    out["int8"] = to_int8(Engine(EngineConfig(dtype="bfloat16")))
-    return out
+def engines(names: list[str]) -> dict[str, Engine]:
+    makers = {
+        "fp32": lambda: Engine(EngineConfig(dtype="float32")),
+        "bf16": lambda: Engine(EngineConfig(dtype="bfloat16")),
+        "int8": lambda: to_int8(Engine(EngineConfig(dtype="bfloat16"))),
+    }
+    return {name: makers[name]() for name in ["fp32", *[n for n in names if n != "fp32"]]}
+
+
+def cpu() -> dict:
+    """What decides bf16's speed here: the CPU's model name and whether it has bf16 in hardware."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "?")
+    return {"cpu": model, "native_bf16": native_bf16(), "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def speed(engine: Engine, tokens: int = 2048) -> dict:
@@ -124,10 +142,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=25, help="prompts per dataset (needle-code seed 2, squad)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=Path("out/dtype"))
+    ap.add_argument("--dtypes", default="fp32,bf16,int8", help="which of fp32, bf16, int8 (fp32 always runs)")
+    ap.add_argument("--speed-only", action="store_true", help="speed only, no answers compared")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    engs = engines()
+    engs = engines(args.dtypes.split(","))
     speeds = {name: speed(eng) for name, eng in engs.items()}
+    machine = cpu()
+    print(json.dumps({"machine": machine, "speed": speeds}))
+    if args.speed_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "dtype-speed.json").write_text(json.dumps({"machine": machine, "speed": speeds}, indent=1))
+        return
     examples = load_dataset("needle-code", n=args.n, passages=6, seed=2) + load_dataset(
         "squad", n=args.n, passages=6, seed=2
     )
@@ -147,7 +173,7 @@ def main() -> None:
             }  # fmt: skip
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dtype.json").write_text(json.dumps({"summary": table, "rows": rows}, indent=1))
+    (args.out / "dtype.json").write_text(json.dumps({"machine": machine, "summary": table, "rows": rows}, indent=1))
     print("| dtype | prefill tok/s | decode tok/s (1) | decode tok/s (8 together) | found | answer = fp32's | "
           "same tokens | KL mean | KL median |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")

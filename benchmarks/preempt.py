@@ -25,6 +25,7 @@ import torch
 from kvstash.batch.swap import SwapSpace
 from kvstash.bench.datasets import load_dataset
 from kvstash.engine import Engine, EngineConfig
+from kvstash.model.dtype import resolve_dtype
 from kvstash.prompt import Segment
 
 
@@ -43,8 +44,9 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=7)
     ap.add_argument("--generated", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it natively, else fp32")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype)
     torch.set_num_threads(2)
     engine = Engine(EngineConfig(dtype=args.dtype, store="ram:4GiB"))
     ex = load_dataset("musique", n=1, passages=10, seed=0)[0]

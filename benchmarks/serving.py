@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 
 from kvstash.bench.datasets import load_dataset
+from kvstash.model.dtype import resolve_dtype
 from kvstash.prompt import DEFAULT_SYSTEM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,11 +384,12 @@ def main() -> None:
         help="let answers end at the model's end-of-sequence token (default: every answer runs to its max_tokens, "
         "sent as ignore_eos to both servers, so every config decodes the same tokens)",
     )
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it natively, else fp32")
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/serving"))
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype)  # the dtype every kvstash server computes in, named in the report
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     all_work = workloads(args)

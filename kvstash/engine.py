@@ -11,6 +11,7 @@ import torch
 from kvstash.batch.scheduler import BatchConfig, Scheduler
 from kvstash.compress.pipeline import Compression
 from kvstash.decoding import Decoding, GenerationResult
+from kvstash.model.dtype import resolve_dtype, warn_if_emulated
 from kvstash.model.registry import DEFAULT_MODEL, LoadedModel, load_model
 from kvstash.model.runner import Runner
 from kvstash.prompt import PromptBuilder, PromptPlan, Segment
@@ -24,7 +25,7 @@ from kvstash.store import TieredStore, TierStats
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL  # registry name or local HF model directory
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 | auto (bf16 where the CPU has it natively)
     threads: int | None = None  # torch CPU threads (None: torch's default)
     prefill_chunk: int = 512  # query tokens per forward during prefill (bounds attention memory)
     store: str = DEFAULT_STORE  # chunk store spec for the reuse methods, e.g. ram:4GiB,disk:DIR
@@ -32,8 +33,7 @@ class EngineConfig:
     speculate: str = "off"  # speculative decoding by default: off | ngram (each call may say otherwise)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))  # ValueError naming the choices
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.prefill_chunk < 1:
@@ -68,6 +68,7 @@ class Engine:
         self.config = config or EngineConfig(**overrides)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        warn_if_emulated(self.config.dtype)
         self.lm = loaded or load_model(self.config.model, getattr(torch, self.config.dtype))
         self.runner = Runner(self.lm.model, block=self.config.prefill_chunk)
         self.builder = PromptBuilder(self.lm.tokenizer)

@@ -19,15 +19,18 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from tests.redis_server import RedisServer, skip_without_redis
+from tests.redis_server import RedisServer, ephemeral_ports, skip_without_redis
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def cluster_port() -> int:
-    """A free port P with P + 10000 (the cluster bus) free too, both under 65536."""
+    """A free port P with P + 10000 (the cluster bus) free too, both below the kernel's ephemeral range: a node
+    that is killed and restarted on P must not find it taken by some client's outgoing connection meanwhile."""
+    low = 10000
+    high = min(ephemeral_ports()[0], 65536) - 10000 - 1
     for _ in range(200):
-        port = random.randint(20000, 45000)
+        port = random.randint(low, high)
         try:
             for p in (port, port + 10000):
                 with socket.socket() as s:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kvstash.model.dtype import AUTO
+from kvstash.model.dtype import DTYPES as MODEL_DTYPES
 from kvstash.model.registry import DEFAULT_MODEL
 from kvstash.reuse import DEFAULT_STORE
 
@@ -12,11 +14,12 @@ STORE_HELP = "chunk KV store, e.g. ram:4GiB,disk:~/.cache/kvstash/kv:50GiB,redis
 CODEC_HELP = "how chunk KV is stored: fp16 (default), bf16, fp32, kivi8, kivi4, kivi2"
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-# The command line computes in bf16: on a CPU with AVX512-BF16 it prefills 3.1x faster than fp32 and decodes 1.7x
-# faster 8 at a time, with a next-token KL of 0.0009 from fp32 (docs/benchmarks.md, "Compute dtype"). The library's
+# The command line computes in bf16 where the CPU has it natively (AVX512-BF16 or AMX): there it prefills 3.1x faster
+# than fp32 and decodes 1.7x faster 8 at a time, with a next-token KL of 0.0009 from fp32 (docs/benchmarks.md,
+# "Compute dtype"); on an AVX2-only CPU bf16 is emulated and ~5x slower, so `auto` picks fp32 there. The library's
 # EngineConfig stays float32, the exact reference.
-CLI_DTYPE = "bfloat16"
+DTYPES = (AUTO, *MODEL_DTYPES)
+CLI_DTYPE = AUTO
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype: str = CLI_DTYPE) -> None:
@@ -26,7 +29,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str = CLI_DTYPE) -> None:
         "--dtype",
         choices=DTYPES,
         default=dtype,
-        help=f"compute dtype (default {dtype}); chunk KV is stored per dtype, so ingest and serve with the same one",
+        help=f"compute dtype (default {dtype}: bfloat16 where the CPU has AVX512-BF16 or AMX, else float32); chunk KV "
+        "is stored per dtype, so ingest and serve with the same one",
     )
 
 

@@ -7,6 +7,7 @@ import shlex
 from dataclasses import replace
 
 from kvstash.bench.methods import BASELINES, DEFAULT_METHODS
+from kvstash.cli.args import DTYPES
 from kvstash.model.registry import DEFAULT_MODEL
 
 DATASETS = ("musique", "wikimqa", "nq", "squad", "kv", "needle", "needle-code", "chat")
@@ -56,9 +57,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         default="float32",
-        help="compute dtype of every method, baselines included (default float32, the exact reference)",
+        help="compute dtype of every method, baselines included (default float32, the exact reference; auto: "
+        "bfloat16 where the CPU has AVX512-BF16 or AMX)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)

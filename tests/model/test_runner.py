@@ -133,9 +133,13 @@ def test_a_batched_pass_equals_each_sequence_run_alone(engine):
     hs = r.run([Rows(ids, pos, c) for c, ids, pos in batch_cases])
     together = [r.logits(h) for h in hs]
     # the quantized cache (third) stores the new token's K/V in fp16: a 1e-7 change in a matmul can round an element
-    # to the neighbouring fp16 value (2**-10 apart, relatively), so it is held to fp16's precision
-    logit_tol, key_rtol = [1e-4, 1e-4, 1e-3, 1e-4, 1e-4], [0, 0, 2**-10, 0, 0]
+    # to the neighbouring fp16 value (2**-10 apart, relatively), so it is held to fp16's precision: such flips moved
+    # the logits by up to 1.3e-3 on an AVX2 CPU (whose matmul kernels for 1 and for 5 rows round differently), while
+    # a wrong key, position or mask moves them by whole units; the flips carry into later layers' new keys as
+    # absolute errors of up to 2.5e-4 (measured there), hence its key atol
+    logit_tol, key_rtol = [1e-4, 1e-4, 5e-3, 1e-4, 1e-4], [0, 0, 2**-10, 0, 0]
+    key_atol = [1e-4, 1e-4, 1e-3, 1e-4, 1e-4]
     for i, ((a_cache, *_), (b_cache, *_)) in enumerate(zip(alone_cases, batch_cases, strict=True)):
         assert alone[i].shape == together[i].shape and _max_diff(alone[i], together[i]) < logit_tol[i]
         assert a_cache.length == b_cache.length
-        assert torch.allclose(a_cache.keys, b_cache.keys, rtol=key_rtol[i], atol=1e-4)
+        assert torch.allclose(a_cache.keys, b_cache.keys, rtol=key_rtol[i], atol=key_atol[i])
