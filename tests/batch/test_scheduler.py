@@ -92,13 +92,19 @@ def _preempting(small, **config):
     return prompts, sched, seqs
 
 
+@pytest.fixture(scope="module")
+def alone_long(small):
+    """Each of the preempting tests' prompts answered alone (90 tokens): the reference, computed once."""
+    return [small.generate([Segment(q, "user")], SamplingParams(max_tokens=90)) for q in LONG_ANSWERS]
+
+
 @pytest.mark.parametrize("swap", [True, False])
-def test_a_small_kv_budget_preempts_and_still_answers_the_same(small, tmp_path, swap):
+def test_a_small_kv_budget_preempts_and_still_answers_the_same(small, alone_long, tmp_path, swap):
     """When decoding makes a cache grow past the budget, the newest is preempted: its KV swapped to a file and
     read back (or, with swap off, dropped and recomputed: prompt through its reuse method, answer so far in one
     pass). Either way the answers are the ones each gets alone, and no swap file is left behind."""
-    prompts, sched, seqs = _preempting(small, swap=swap, swap_dir=str(tmp_path))
-    alone = [small.generate(p, SamplingParams(max_tokens=90)) for p in prompts]
+    _, sched, seqs = _preempting(small, swap=swap, swap_dir=str(tmp_path))
+    alone = alone_long
     assert all(a.completion_tokens == 90 for a in alone)  # both caches must grow past prompt + 64 slots
     peak = 0
     while sched.has_work:
@@ -115,14 +121,14 @@ def test_a_small_kv_budget_preempts_and_still_answers_the_same(small, tmp_path, 
 
 
 @pytest.mark.parametrize("damage", ["truncated", "unwritable"])
-def test_a_swap_that_fails_falls_back_to_recomputing(small, tmp_path, damage):
+def test_a_swap_that_fails_falls_back_to_recomputing(small, alone_long, tmp_path, damage):
     """A swap file cut short before it is read back, or a swap directory that cannot be written: the sequence
     is recomputed instead, counted, and still answers exactly as alone."""
     swap_dir = tmp_path / "swap"
     if damage == "unwritable":
         swap_dir.write_text("a file where the directory should be")
-    prompts, sched, seqs = _preempting(small, swap_dir=str(swap_dir))
-    alone = [small.generate(p, SamplingParams(max_tokens=90)) for p in prompts]
+    _, sched, seqs = _preempting(small, swap_dir=str(swap_dir))
+    alone = alone_long
     while sched.has_work:
         sched.step()
         for seq in seqs:
