@@ -263,6 +263,8 @@ def server_for(config: str, port: int, args) -> Server:
     method, _, batch = config.partition("/")
     reuse, _, spec = method.partition("+")  # blend+spec: speculative decoding on (--speculate ngram)
     flags = ["--reuse", reuse, "--max-batch", "1" if batch == "unbatched" else str(args.max_batch)]
+    if args.max_batch_tokens:
+        flags += ["--max-batch-tokens", str(args.max_batch_tokens)]
     flags += ["--speculate", "ngram"] if spec == "spec" else []
     return Kvstash(config, port, store, [*common, *flags])
 
@@ -378,6 +380,7 @@ def main() -> None:
         help="Poisson arrivals per second per workload, for the batched kvstash servers, e.g. '{\"rag\": 1}'",
     )
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch-tokens", type=int, help="rows per step of the kvstash servers (default: the server's)")
     ap.add_argument(
         "--natural-length",
         action="store_true",

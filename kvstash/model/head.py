@@ -4,7 +4,8 @@ The head is the model's largest matmul ([vocab, hidden] = 49152 x 576 for SmolLM
 token. For a weight that tall and few rows, MKL's fp32 GEMM is slow on some CPUs: on an AVX2 AMD EPYC (2 threads)
 it takes 11.8 ms for 1 row and 53 ms for 8, where oneDNN with the weight packed once takes 6.3 ms and 18 ms (the
 same sums to ~1e-6). Which kernel wins depends on the CPU, so :func:`lm_head` times both at load and keeps the
-faster; the results agree to fp32 rounding either way.
+faster; the results agree to fp32 rounding either way. The packed copy of the weight costs its size in memory
+(113 MB for SmolLM2 in fp32), only where it is chosen.
 """
 
 from __future__ import annotations
