@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--passages", type=int, help="passages per prompt (default 6)")
     p.add_argument("--max-tokens", type=int, help="tokens generated per answer, greedy (default 32)")
     p.add_argument("--seed", type=int, default=0, help="dataset sampling seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="a small run that finishes in under two minutes")
+    p.add_argument("--quick", action="store_true", help="a small run: 2-4 minutes on 2 cores")
     p.add_argument("--out", metavar="DIR", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data files (default ../shared/data)")
     p.add_argument("--gold-position", type=_gold_position, help="nq/squad/kv: index, first, middle, last or random")
