@@ -1,7 +1,7 @@
 """Compute dtype for serving: bf16 and weight-only int8 against fp32, in speed and in answers.
 
     .venv/bin/python benchmarks/dtype.py --n 25 --out out/dtype
-    .venv/bin/python benchmarks/dtype.py --dtypes fp32,bf16 --speed-only   # speed on this CPU, ~3 min
+    .venv/bin/python benchmarks/dtype.py --dtypes fp32,bf16 --speed-only   # speed on this CPU, ~6 min
 
 Speed (2 threads): prefill tokens/s on a 2K-token prompt; decode tokens/s with one sequence and with 8
 decoding together (``Engine.generate_many``, 64-token answers to chat prompts). Quality, on prompts of

@@ -8,9 +8,7 @@ brings it back at the same address with the same slots. Test modules import the 
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,26 +17,15 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from tests.redis_server import RedisServer, ephemeral_ports, skip_without_redis
+from tests.redis_server import RedisServer, free_port, skip_without_redis
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def cluster_port() -> int:
-    """A free port P with P + 10000 (the cluster bus) free too, both below the kernel's ephemeral range: a node
-    that is killed and restarted on P must not find it taken by some client's outgoing connection meanwhile."""
-    low = 10000
-    high = min(ephemeral_ports()[0], 65536) - 10000 - 1
-    for _ in range(200):
-        port = random.randint(low, high)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port P with P + 10000 (the cluster bus) free too, both below the ephemeral range (see
+    :func:`free_port`): a node killed and restarted on P must find it free."""
+    return free_port(offsets=(0, 10000))
 
 
 class ClusterNodeServer(RedisServer):

@@ -33,19 +33,20 @@ def ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999
 
 
-def free_port() -> int:
-    """A free port below the ephemeral range, so a server stopped and started again on it (as these tests do)
-    never finds it taken by an outgoing connection in between."""
-    low, high = 10000, ephemeral_ports()[0] - 1
+def free_port(offsets: tuple[int, ...] = (0,)) -> int:
+    """A port P with P + each offset free, all below the kernel's ephemeral range, so a server stopped and
+    started again on it (as these tests do) never finds it taken by an outgoing connection in between."""
+    low, high = 10000, ephemeral_ports()[0] - 1 - max(offsets)
     for _ in range(200):
         port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        try:
+            for p in (port + o for o in offsets):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
         return port
-    raise RuntimeError(f"no free port in {low}-{high}")
+    raise RuntimeError(f"no free port in {low}-{high} (with offsets {offsets})")
 
 
 class RedisServer:

@@ -40,7 +40,7 @@ def _choose(linear: torch.nn.Linear) -> Head:
         packed = packed_head(weight)
         with torch.inference_mode():
             plain, fast = _seconds(linear, weight), _seconds(packed, weight)
-    except RuntimeError as e:  # a torch build without the oneDNN op: keep the module
+    except (RuntimeError, AttributeError) as e:  # a torch build without the oneDNN op: keep the module
         log.debug("oneDNN LM head unavailable: %s", e)
         return linear
     log.debug("LM head: module %.1f ms, oneDNN %.1f ms (1 and 8 rows)", plain * 1e3, fast * 1e3)

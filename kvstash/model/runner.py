@@ -135,7 +135,6 @@ class Runner:
         # queries per call when the rows are scattered over the cache (blend's chosen tokens): each block reads
         # the keys up to its last row, so smaller blocks skip more of the keys causality hides
         self.scattered_block = max(1, block // 4)
-        self._head: Head | None = None  # chosen on first use (see :meth:`head`)
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
@@ -177,9 +176,7 @@ class Runner:
     def head(self) -> Head:
         """The LM head, its kernel chosen by timing on first use (:func:`lm_head`): call it first on the thread
         that will run the model (a server's worker), since timing runs multi-threaded matmuls."""
-        if self._head is None:
-            self._head = lm_head(self.model.lm_head)
-        return self._head
+        return lm_head(self.model.lm_head)  # remembered on the module
 
     # --- the layer loop --------------------------------------------------------------------------------
     @torch.inference_mode()
