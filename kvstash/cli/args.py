@@ -41,7 +41,7 @@ def open_engine(args: argparse.Namespace):
     store = getattr(args, "store", None) or DEFAULT_STORE
     codec = getattr(args, "codec", None) or "fp16"
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, store=store, codec=codec))
-    engine.runner.head()  # the LM head's kernel is timed now (this thread runs the model), not in the first TTFT
+    engine.runner.choose_kernels()  # timed now (this thread runs the model), not in the first TTFT
     return engine
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_mask, visible_keys
 from kvstash.model.head import Head, lm_head
+from kvstash.model.projections import Projections, projections
 from kvstash.model.rope import Rope, apply_rope
 
 T = TypeVar("T")
@@ -145,12 +146,12 @@ class Runner:
 
     def qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normed projections with rotary applied. h: [T, hidden] -> q [H, T, D], k, v [KVH, T, D]."""
-        attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         t = h.shape[0]
-        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        q, k, v = self.projections()[layer].qkv(x)
+        q = q.view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = k.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -165,18 +166,29 @@ class Runner:
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual. h, result: [T, hidden]."""
-        block = self.layers[layer]
-        h = h + block.self_attn.o_proj(attn_out)
-        return h + block.mlp(block.post_attention_layernorm(h))
+        proj = self.projections()[layer]
+        h = h + proj.out(attn_out)
+        return h + proj.mlp(self.layers[layer].post_attention_layernorm(h))
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head()(self.model.model.norm(h)).float()  # [T, hidden] -> [T, vocab]
 
     def head(self) -> Head:
-        """The LM head, its kernel chosen by timing on first use (:func:`lm_head`): call it first on the thread
-        that will run the model (a server's worker), since timing runs multi-threaded matmuls."""
-        return lm_head(self.model.lm_head)  # remembered on the module
+        """The LM head, its kernel chosen by timing on first use (:func:`lm_head`, remembered on the module)."""
+        return lm_head(self.model.lm_head)
+
+    def projections(self) -> list[Projections]:
+        """Each layer's linear layers, fused through oneDNN or the modules, chosen by timing on first use
+        (:func:`projections`, remembered on the model)."""
+        return projections(self.model)
+
+    def choose_kernels(self) -> None:
+        """Time the linear layers' kernels now (:meth:`head`, :meth:`projections`), about a second, rather than
+        in the first request. Call it on the thread that will run the model (a server's worker): timing runs
+        multi-threaded matmuls, and OpenMP's threads belong to the thread that starts them."""
+        self.head()
+        self.projections()
 
     # --- the layer loop --------------------------------------------------------------------------------
     @torch.inference_mode()

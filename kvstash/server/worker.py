@@ -172,7 +172,7 @@ class Worker:
     # --- the worker's side -------------------------------------------------------------------------------
     def _run(self) -> None:
         sched = self.scheduler
-        sched.runner.head()  # the LM head's kernel is timed here, on this thread, before the first request
+        sched.runner.choose_kernels()  # timed here, on this thread, before the first request
         while not (self._stopped and not sched.running):
             self._take(block=not sched.has_work)
             if self._stopping:

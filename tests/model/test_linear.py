@@ -1,0 +1,123 @@
+"""Linear layers through oneDNN: the LM head and the fused decoder projections compute what the modules do,
+hold no second copy of the weights, and are chosen once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from kvstash.model.head import lm_head
+from kvstash.model.linear import onednn_linear
+from kvstash.model.projections import FusedProjections, Projections, fusable, projections
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def tiny_layer(seed: int = 0, dtype=torch.float32) -> LlamaDecoderLayer:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaDecoderLayer(cfg, layer_idx=0).to(dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_onednn_linear_equals_the_module(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1000, bias=False)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        want, got = linear(x), onednn_linear(linear.weight)(x)
+    assert got.shape == want.shape == (rows, 1000)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_head_choice_is_made_once_and_gives_the_modules_numbers():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 1000, bias=False)
+    head = lm_head(linear)
+    assert lm_head(linear) is head  # remembered on the module, not timed again
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        assert torch.allclose(head(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.nn.Linear(64, 100, bias=True), lambda: torch.nn.Linear(64, 100, bias=False).half()]
+)
+def test_a_head_with_a_bias_or_in_fp16_stays_the_module(make):
+    linear = make()
+    assert lm_head(linear) is linear
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_projections_compute_what_the_modules_do_on_the_same_memory(rows):
+    layer = tiny_layer()
+    x, attn_out = torch.randn(rows, 64), torch.randn(rows, 64)
+    with torch.inference_mode():
+        plain = Projections(layer)
+        want = (*plain.qkv(x), plain.out(attn_out), plain.mlp(x))
+        fused = FusedProjections(layer)
+        got_q, got_k, got_v = fused.qkv(x)
+        for got, w in zip((got_q, got_k, got_v, fused.out(attn_out), fused.mlp(x)), want, strict=True):
+            assert got.shape == w.shape
+            assert torch.allclose(got, w, atol=1e-5, rtol=1e-5)
+    assert got_q.shape == (rows, 64) and got_k.shape == got_v.shape == (rows, 32)
+
+
+@needs_onednn
+def test_chosen_fused_projections_leave_one_copy_of_the_weights_and_are_kept():
+    """Whichever way the timing goes, the choice is remembered; when fused wins, the modules' weights are views
+    of the fused ones (no second copy) and still compute the same."""
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([tiny_layer(1), tiny_layer(2)])
+    model.config = LlamaConfig(hidden_size=64)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want = [layer.mlp(x) for layer in model.model.layers]
+        chosen = projections(model)
+        assert projections(model) is chosen
+        for layer, proj, w in zip(model.model.layers, chosen, want, strict=True):
+            assert torch.allclose(proj.mlp(x), w, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(layer.mlp(x), w, atol=1e-5, rtol=1e-5)
+            if isinstance(proj, FusedProjections):
+                a = layer.self_attn
+                assert a.q_proj.weight.data_ptr() == proj.qkv_w.data_ptr()
+                assert a.k_proj.weight.data_ptr() == proj.qkv_w[64:].data_ptr()
+                assert layer.mlp.up_proj.weight.data_ptr() == proj.gate_up_w[96:].data_ptr()
+
+
+def test_layers_that_are_not_plain_linears_are_not_fused():
+    layer = tiny_layer()
+    assert fusable(layer)
+    layer.self_attn.q_proj = torch.nn.Linear(64, 64, bias=True)
+    assert not fusable(layer)  # a bias
+    half = tiny_layer(dtype=torch.float16)
+    assert not fusable(half)  # oneDNN's CPU linear here: fp32 and bf16
+    wrapped = tiny_layer()
+    wrapped.mlp.down_proj = torch.nn.Sequential(wrapped.mlp.down_proj)  # e.g. a quantized replacement
+    assert not fusable(wrapped)
+
+
+def test_the_engines_logits_equal_the_modules(engine):
+    """Whichever kernel the runner chose, its logits are the model's own LM head's (fp32 rounding)."""
+    r = engine.runner
+    h = torch.randn(5, engine.lm.model.config.hidden_size)
+    with torch.inference_mode():
+        want = engine.lm.model.lm_head(engine.lm.model.model.norm(h)).float()
+    assert torch.allclose(r.logits(h), want, atol=1e-4, rtol=1e-5)
+
+
+def test_the_engines_layers_equal_the_modules(engine):
+    """Whichever projections the runner chose, each layer computes what the model's modules compute."""
+    r = engine.runner
+    x = torch.randn(4, engine.lm.model.config.hidden_size)
+    with torch.inference_mode():
+        for layer, proj in zip(r.layers, r.projections(), strict=True):
+            a = layer.self_attn
+            want = (a.q_proj(x), a.k_proj(x), a.v_proj(x), layer.mlp(x))
+            for got, w in zip((*proj.qkv(x), proj.mlp(x)), want, strict=True):  # fp32 rounding of sums of 576
+                torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
