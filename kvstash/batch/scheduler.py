@@ -5,8 +5,10 @@ that runs one pass of the runner's layer loop over
 
 - the next token of every decoding sequence (one row each), and
 - the next prefill pass of prefilling sequences, first come first served, while the step's rows stay within
-  ``max_batch_tokens`` (a plain prefill comes in chunks of ``prefill_chunk`` tokens, so a long prompt never
-  stalls the others' decoding for long; a blend pass runs whole, one per step at most when over budget).
+  ``max_batch_tokens``: a plain prefill comes in chunks of ``prefill_chunk`` tokens, and a pass larger than
+  what is left of the budget (blend's pass over a whole prompt, a chunk over the budget) runs a few layers per
+  step, its rows' hidden states carried to the next step, so a long prompt never stalls the others' decoding
+  for long. A token through every layer counts one against the budget, through a third of them a third.
 
 A prompt's KV is built by its own reuse method (``full``, ``prefix``, ``naive``, ``blend``), whose passes are
 steps (:data:`kvstash.model.runner.Steps`) run inside the batch; then the sequence decodes with the others.
@@ -78,6 +80,7 @@ class StepStats(NamedTuple):
     prefill_tokens: int  # prompt rows computed in this step
     seconds: float  # the step's wall time
     preempted: int  # sequences preempted before it
+    prefill_work: float = 0.0  # what the prefill passes counted against the budget: rows x share of layers run
 
 
 class Scheduler:
@@ -139,32 +142,49 @@ class Scheduler:
         self._reap()
         preempted = self._make_room()
         self._admit()
-        batch, decoding, prefilling = self._plan()
+        batch, decoding, prefilling, work = self._plan()
         hs = self.runner.run(batch) if batch else []
         self._advance_decoding(decoding, hs[: len(decoding)])
         self._advance_prefill(prefilling, hs[len(decoding) :])
         prefill_tokens = sum(len(r.positions) for r in batch[len(decoding) :])
-        return StepStats(len(decoding), prefill_tokens, time.perf_counter() - t0, preempted)
+        return StepStats(len(decoding), prefill_tokens, time.perf_counter() - t0, preempted, work)
 
     def run_until_done(self) -> None:
         while self.has_work:
             self.step()
 
-    def _plan(self) -> tuple[list[Rows], list[Sequence], list[tuple[Sequence, int]]]:
-        """The rows of this step: every decoding sequence's token, then prefill passes in admission order."""
+    def _plan(self) -> tuple[list[Rows], list[Sequence], list[Sequence], float]:
+        """The rows of this step: every decoding sequence's token, then prefill passes in admission order, each
+        whole or the layers of it that fit the step's token budget (:meth:`_layers`)."""
         decoding = [s for s in self.running if s.state is State.DECODE]
         batch = [s.stepper.rows(len(decoding)) for s in decoding]
         tokens, prefilling = sum(len(r.positions) for r in batch), []  # a draft tree brings several rows
+        decode_rows = tokens
         for seq in self.running:
             if seq.state is not State.PREFILL:
                 continue
-            n = seq.pending_tokens()
-            if prefilling and tokens + n > self.config.max_batch_tokens:
+            layers = self._layers(seq, self.config.max_batch_tokens - tokens, first=not prefilling)
+            if not layers:
                 break  # first come, first served: later prompts wait for the earlier ones
+            for rows in seq.pending:
+                rows.first, rows.last = seq.layer, seq.layer + layers
             batch += seq.pending
-            prefilling.append((seq, len(seq.pending)))
-            tokens += n
-        return batch, decoding, prefilling
+            prefilling.append(seq)
+            tokens += seq.pending_tokens() * layers / self.runner.num_layers
+        return batch, decoding, prefilling, tokens - decode_rows
+
+    def _layers(self, seq: Sequence, left: float, first: bool) -> int:
+        """How many layers of ``seq``'s pending pass run in this step, within ``left`` tokens of the budget
+        (a token through every layer is one; through a tenth of them a tenth): the rest of the pass if it fits,
+        else the layers that fit (chunked prefill by layers: a blend pass over thousands of tokens, or a plain
+        chunk larger than the budget, runs a few layers per step while the others decode). The first prefill of
+        a step may use the whole budget, and always gets a layer."""
+        n_layers = self.runner.num_layers
+        rows, remaining = seq.pending_tokens(), n_layers - seq.layer
+        room = left * n_layers if not first else max(left, self.config.max_batch_tokens) * n_layers
+        if rows * remaining <= room:
+            return remaining
+        return min(remaining, max(int(first), int(room // rows)))
 
     def _advance_decoding(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
         if not seqs:
@@ -174,16 +194,23 @@ class Scheduler:
         for seq, rows in zip(seqs, logits.split([len(p) for p in parts]), strict=True):
             self._emit(seq, seq.stepper.take(rows))
 
-    def _advance_prefill(self, seqs: list[tuple[Sequence, int]], hs: list[torch.Tensor]) -> None:
+    def _advance_prefill(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
         at = 0
-        for seq, n in seqs:
+        for seq in seqs:
+            n, end = len(seq.pending), seq.pending[0].last if seq.pending else self.runner.num_layers
+            out, at = hs[at : at + n], at + n
+            if end < self.runner.num_layers:  # the pass goes on from layer ``end`` in a later step
+                for rows, h in zip(seq.pending, out, strict=True):
+                    rows.h = h
+                seq.layer = end
+                continue
+            seq.layer = 0
             try:
-                seq.pending = seq.steps.send(hs[at : at + n])
+                seq.pending = seq.steps.send(out)
             except StopIteration as done:
                 self._prefilled(seq, done.value)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 self._finish(seq, error=e)
-            at += n
 
     # --- admission, memory, preemption ---------------------------------------------------------------------
     def _held(self, seq: Sequence) -> int:
@@ -207,7 +234,7 @@ class Scheduler:
         seq.admitted = seq.admitted or time.perf_counter()
         if seq.swapped is not None and self._swap_in(seq):
             return
-        seq.state, seq.pre = State.PREFILL, None
+        seq.state, seq.pre, seq.layer = State.PREFILL, None, 0
         seq.steps = self._prefill_steps(seq)
         self.running.append(seq)
         try:

@@ -49,6 +49,7 @@ class Sequence:
     finished_at: float | None = None
     steps: Steps[Prefilled] | None = None  # the prefill's passes while PREFILL
     pending: list[Rows] | None = None  # the pass it waits to run
+    layer: int = 0  # the pending pass's next layer (a pass may run a few layers per step)
     pre: Prefilled | None = None  # the prompt's cache once prefilled
     dec: Decoding | None = None
     stepper: Stepper | None = None  # its decoding steps over its current cache

@@ -82,6 +82,11 @@ class Rows:
     hook: LayerHook | None = None
     write: bool = True  # False: the rows' K/V are already cached (query replay)
     tree: torch.Tensor | None = None  # [T, T] bool: row i may see row j (a draft tree); appended rows only
+    # a pass run a few layers at a time (a scheduler's chunked prefill): the layers of this run, [first, last)
+    # (None: to the last layer), and ``h`` [T, hidden] the rows' hidden states after layer first - 1 (first > 0)
+    first: int = 0
+    last: int | None = None
+    h: torch.Tensor | None = None
     _mask: tuple | None = field(default=None, repr=False)  # (mask, layer built at) reused while it can be
     _visible: dict = field(default_factory=dict, repr=False)  # block start -> keys it sees, for that mask
     _run: int | None = field(default=None, repr=False)  # first slot when the slots are one run, else None
@@ -193,26 +198,32 @@ class Runner:
     # --- the layer loop --------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: Sequence[Rows]) -> list[torch.Tensor]:
-        """Run every sequence's rows through all layers: projections and MLP over all rows at once, attention
-        per sequence over its own cache. Changes the caches: rows with ``slots=None`` are appended first, and
-        each layer writes the rows' K/V (as their hooks select). Returns each sequence's final hidden states
-        [T', hidden] of the rows still in the pass (before the final norm; see :meth:`logits`)."""
+        """Run every sequence's rows through its layers (all of them, or ``[rows.first, rows.last)``):
+        projections and MLP over the rows of every sequence in the layer at once, attention per sequence over
+        its own cache. Changes the caches: rows with ``slots=None`` are appended first, and each layer writes
+        the rows' K/V (as their hooks select). Returns each sequence's hidden states [T', hidden] after its last
+        layer, of the rows still in the pass (after the model's last layer: before the final norm, see
+        :meth:`logits`)."""
         for rows in batch:
             if rows.slots is None:
                 start = rows.cache.append(rows.positions)
                 rows.slots, rows._run = torch.arange(start, start + len(rows.positions)), start
             else:
                 rows._run = _first_of_run(rows.slots)
-        hs = [self.embed(rows.ids) for rows in batch]
+        hs = [self.embed(rows.ids) if rows.h is None else rows.h for rows in batch]
         rope = [self.rope.cos_sin(rows.positions) for rows in batch]
         plain = [_one_plain_token(rows) for rows in batch]
-        for layer in range(self.num_layers):
-            if not any(len(rows.positions) for rows in batch):
-                break  # every row has left the pass (a probe that stops early)
-            q, k, v = self.qkv(layer, _cat(hs), _cat([c for c, _ in rope]), _cat([s for _, s in rope]))
+        ends = [self.num_layers if rows.last is None else rows.last for rows in batch]
+        whole = all(rows.first == 0 and end == self.num_layers for rows, end in zip(batch, ends, strict=True))
+        for layer in range(min(rows.first for rows in batch), max(ends)):
+            live = range(len(batch)) if whole else [i for i, r in enumerate(batch) if r.first <= layer < ends[i]]
+            if not any(len(batch[i].positions) for i in live):
+                continue  # every row in this layer has left the pass (a probe that stops early)
+            cos, sin = _cat([rope[i][0] for i in live]), _cat([rope[i][1] for i in live])
+            q, k, v = self.qkv(layer, _cat([hs[i] for i in live]), cos, sin)
             outs, offset = [], 0
-            for i, rows in enumerate(batch):
-                t = len(rows.positions)
+            for i in live:
+                rows, t = batch[i], len(batch[i].positions)
                 qi, ki, vi = q[:, offset : offset + t], k[:, offset : offset + t], v[:, offset : offset + t]
                 offset += t
                 if plain[i]:
@@ -220,10 +231,12 @@ class Runner:
                     continue
                 qi, ki, vi, hs[i], rope[i] = self._select(layer, rows, qi, ki, vi, hs[i], rope[i])
                 outs.append(self._attend_rows(layer, rows, qi))
-            h = self.finish(layer, _cat(hs), _cat(outs))
-            hs = list(h.split([len(rows.positions) for rows in batch])) if len(batch) > 1 else [h]
-        for rows in batch:
-            if rows.hook is not None:
+            h = self.finish(layer, _cat([hs[i] for i in live]), _cat(outs))
+            parts = h.split([len(batch[i].positions) for i in live]) if len(live) > 1 else [h]
+            for i, part in zip(live, parts, strict=True):
+                hs[i] = part
+        for rows, end in zip(batch, ends, strict=True):
+            if rows.hook is not None and end == self.num_layers:
                 rows.hook.done(rows.cache)
         return hs
 

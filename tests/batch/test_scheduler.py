@@ -70,7 +70,7 @@ def test_steps_mix_prefill_chunks_with_decoding(small):
     mixed = 0
     while sched.has_work:
         stats = sched.step()
-        assert stats.prefill_tokens <= 24 or stats.decoding == 0  # one over-budget pass only runs alone
+        assert stats.prefill_work <= 24  # rows x the share of the layers they ran
         mixed += bool(stats.decoding and stats.prefill_tokens)
     assert mixed > 0  # prompts were prefilled while others decoded
     assert all(s.result is not None and s.result.completion_tokens > 0 for s in seqs)
@@ -201,3 +201,30 @@ def test_batch_config_validation():
                       ({"kv_budget": 0}, "kv_budget")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             BatchConfig(**kw)
+
+
+def test_a_blend_pass_over_the_budget_runs_a_few_layers_per_step_while_others_decode(small):
+    """Chunked prefill by layers: a blended prompt whose pass is larger than the step's token budget runs a few
+    layers per step, the chat already decoding gets a token in each of those steps, and both answers equal the
+    ones computed alone."""
+    blended, chat = _prompts()[2], [Segment("Write a poem about the sea.", "user")]
+    params = SamplingParams(max_tokens=8)
+    small.generate(blended, params, "blend")  # warm store
+    alone = [small.generate(blended, params, "blend"), small.generate(chat, SamplingParams(max_tokens=40))]
+    sched = Scheduler(small, BatchConfig(max_batch=2, max_batch_tokens=8))
+    talk = sched.add(small.plan(chat), SamplingParams(max_tokens=40), small.method("full"))
+    while talk.state.value != "decode":
+        sched.step()
+    seq = sched.add(small.plan(blended), params, small.method("blend"))
+    layers_seen, decoded_meanwhile = set(), 0
+    while sched.has_work:
+        prefilling = seq.state.value in ("waiting", "prefill")
+        stats = sched.step()
+        if prefilling:
+            assert stats.prefill_work <= 8
+            layers_seen.add(seq.layer)
+            decoded_meanwhile += stats.decoding
+    assert len(layers_seen - {0}) >= 2  # passes stopped part-way, at two layers or more
+    assert decoded_meanwhile >= 4  # the chat decoded while the blend prefilled
+    assert seq.result.token_ids == alone[0].token_ids
+    assert talk.result.token_ids == alone[1].token_ids

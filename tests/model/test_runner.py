@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvstash.cache.kv import KVCache
@@ -143,3 +144,34 @@ def test_a_batched_pass_equals_each_sequence_run_alone(engine):
         assert alone[i].shape == together[i].shape and _max_diff(alone[i], together[i]) < logit_tol[i]
         assert a_cache.length == b_cache.length
         assert torch.allclose(a_cache.keys, b_cache.keys, rtol=key_rtol[i], atol=key_atol[i])
+
+
+@pytest.mark.parametrize("with_decoding", [False, True])
+def test_a_pass_run_a_few_layers_at_a_time_equals_the_whole_pass(engine, with_decoding):
+    """Rows run through layers [0, 4), [4, 11), [11, L) with their hidden states carried (a scheduler's
+    chunked prefill by layers): the same hidden states and cache as one whole pass, bit for bit when alone;
+    within fp32 rounding next to a decoding row that runs every layer in each of those runs (its rows join
+    the matmuls)."""
+    r = engine.runner
+    plan = engine.plan([Segment(DOCS[0]), Segment("Who discovered radium?", "user")])
+    ids, pos = torch.tensor(plan.token_ids), torch.arange(len(plan))
+    whole_cache, split_cache = r.new_cache(), r.new_cache()
+    (whole,) = r.run([Rows(ids, pos, whole_cache)])
+    rows = Rows(ids, pos, split_cache)
+    other = FullPrefill().prefill(r, engine.plan([Segment("Hello there.", "user")])).cache
+    for first, last in ((0, 4), (4, 11), (11, None)):
+        rows.first, rows.last = first, last
+        if with_decoding:
+            token = Rows(torch.tensor([42]), torch.tensor([other.length]), other)
+            h, h_token = r.run([rows, token])
+            assert h_token.shape == (1, whole.shape[1])  # the decoding row went through every layer
+        else:
+            (h,) = r.run([rows])
+        assert h.shape == whole.shape
+        rows.h = h
+    if with_decoding:
+        assert _max_diff(h, whole) <= 1e-5 * whole.abs().max().item()  # fp32 rounding (measured: 0 here)
+        assert torch.allclose(split_cache.keys, whole_cache.keys, atol=1e-4)
+    else:
+        assert torch.equal(h, whole)
+        assert torch.equal(split_cache.keys, whole_cache.keys) and torch.equal(split_cache.values, whole_cache.values)
