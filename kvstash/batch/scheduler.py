@@ -8,7 +8,9 @@ that runs one pass of the runner's layer loop over
   ``max_batch_tokens``: a plain prefill comes in chunks of ``prefill_chunk`` tokens, and a pass larger than
   what is left of the budget (blend's pass over a whole prompt, a chunk over the budget) runs a few layers per
   step, its rows' hidden states carried to the next step, so a long prompt never stalls the others' decoding
-  for long. A token through every layer counts one against the budget, through a third of them a third.
+  for long. A token through every layer counts one against the budget, through a third of them a third, and
+  one that attends over n cached keys ``1 + n / keys_per_row`` (3072 for SmolLM2: past that many keys its
+  attention costs more than its linear layers), so a step's time stays near the budget's whatever the context.
 
 A prompt's KV is built by its own reuse method (``full``, ``prefix``, ``naive``, ``blend``), whose passes are
 steps (:data:`kvstash.model.runner.Steps`) run inside the batch; then the sequence decodes with the others.
@@ -61,7 +63,8 @@ class EngineParts(Protocol):
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch: int = 16  # sequences admitted at once (prefilling or decoding)
-    max_batch_tokens: int = 512  # rows per step; a single prefill pass larger than this still runs (alone)
+    max_batch_tokens: int = 512  # rows per step (a row over many keys counting more: Runner.row_cost); a prefill
+    # pass larger than what is left runs a few layers per step
     kv_budget: int | None = None  # bytes of KV all running sequences may hold; None: a quarter of the RAM
     swap: bool = True  # preempted sequences' KV to a file and back (else dropped and recomputed)
     swap_dir: str | None = None  # where swapped KV goes; None: a private temporary directory
@@ -155,36 +158,37 @@ class Scheduler:
 
     def _plan(self) -> tuple[list[Rows], list[Sequence], list[Sequence], float]:
         """The rows of this step: every decoding sequence's token, then prefill passes in admission order, each
-        whole or the layers of it that fit the step's token budget (:meth:`_layers`)."""
+        whole or the layers of it that fit the step's token budget (:meth:`_layers`). Costs are in rows through
+        every layer, a row's attention counted by the keys it reads (:meth:`Runner.row_cost`)."""
         decoding = [s for s in self.running if s.state is State.DECODE]
-        batch = [s.stepper.rows(len(decoding)) for s in decoding]
-        tokens, prefilling = sum(len(r.positions) for r in batch), []  # a draft tree brings several rows
-        decode_rows = tokens
+        batch = [s.stepper.rows(len(decoding)) for s in decoding]  # a draft tree brings several rows
+        decode_cost = sum(self.runner.row_cost(r) for r in batch)
+        spent, prefilling = decode_cost, []
         for seq in self.running:
             if seq.state is not State.PREFILL:
                 continue
-            layers = self._layers(seq, self.config.max_batch_tokens - tokens, first=not prefilling)
+            per_layer = sum(self.runner.row_cost(r) for r in seq.pending) / self.runner.num_layers
+            layers = self._layers(seq, per_layer, self.config.max_batch_tokens - spent, first=not prefilling)
             if not layers:
                 break  # first come, first served: later prompts wait for the earlier ones
             for rows in seq.pending:
                 rows.first, rows.last = seq.layer, seq.layer + layers
             batch += seq.pending
             prefilling.append(seq)
-            tokens += seq.pending_tokens() * layers / self.runner.num_layers
-        return batch, decoding, prefilling, tokens - decode_rows
+            spent += per_layer * layers
+        return batch, decoding, prefilling, spent - decode_cost
 
-    def _layers(self, seq: Sequence, left: float, first: bool) -> int:
-        """How many layers of ``seq``'s pending pass run in this step, within ``left`` tokens of the budget
-        (a token through every layer is one; through a tenth of them a tenth): the rest of the pass if it fits,
-        else the layers that fit (chunked prefill by layers: a blend pass over thousands of tokens, or a plain
-        chunk larger than the budget, runs a few layers per step while the others decode). The first prefill of
-        a step may use the whole budget, and always gets a layer."""
-        n_layers = self.runner.num_layers
-        rows, remaining = seq.pending_tokens(), n_layers - seq.layer
-        room = left * n_layers if not first else max(left, self.config.max_batch_tokens) * n_layers
-        if rows * remaining <= room:
+    def _layers(self, seq: Sequence, per_layer: float, left: float, first: bool) -> int:
+        """How many layers of ``seq``'s pending pass (costing ``per_layer`` a layer) run in this step, within
+        ``left`` of the budget: the rest of the pass if it fits, else the layers that fit (chunked prefill by
+        layers: a blend pass over thousands of tokens, or a plain chunk over the budget, runs a few layers per
+        step while the others decode). The first prefill of a step may use the whole budget, and always gets a
+        layer."""
+        remaining = self.runner.num_layers - seq.layer
+        room = left if not first else max(left, self.config.max_batch_tokens)
+        if per_layer * remaining <= room:
             return remaining
-        return min(remaining, max(int(first), int(room // rows)))
+        return min(remaining, max(int(first), int(room // per_layer)))
 
     def _advance_decoding(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
         if not seqs:

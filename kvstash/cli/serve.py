@@ -63,8 +63,9 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
         default=512,
         metavar="T",
         help="rows per batched step: every decoding request's token plus chunks of prompts being prefilled "
-        "(default 512); a long prompt is prefilled over several steps, and a pass larger than T (blend's "
-        "pass over a whole prompt) a few layers per step, so it never stalls the others for long",
+        "(default 512; a row attending over a long context counts more, ~2.6 rows at 5K tokens for SmolLM2); "
+        "a long prompt is prefilled over several steps, and a pass larger than T (blend's pass over a whole "
+        "prompt) a few layers per step, so it never stalls the others for long",
     )
     p.add_argument(
         "--kv-budget",

@@ -141,6 +141,17 @@ class Runner:
         # queries per call when the rows are scattered over the cache (blend's chosen tokens): each block reads
         # the keys up to its last row, so smaller blocks skip more of the keys causality hides
         self.scattered_block = max(1, block // 4)
+        # cached keys whose attention costs what one row's linear layers cost (QK and PV: 4 * H * D flops a key)
+        inner = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        weights = 2 * cfg.hidden_size * (self.num_heads + self.kv_heads) * self.head_dim + 3 * cfg.hidden_size * inner
+        self.keys_per_row = weights / (2 * self.num_heads * self.head_dim)  # 3072 for SmolLM2-135M
+
+    def row_cost(self, rows: Rows) -> float:
+        """What ``rows`` cost through one layer, in rows that read no keys: each row's linear layers plus its
+        attention over the keys up to its position (causal), ``1 + (position + 1) / keys_per_row``. A row over
+        5K keys costs ~2.6 rows for SmolLM2 (a scheduler's token budget counts this)."""
+        n = len(rows.positions)
+        return n + (float(rows.positions.sum()) + n) / self.keys_per_row if n else 0.0
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)

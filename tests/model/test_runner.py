@@ -175,3 +175,15 @@ def test_a_pass_run_a_few_layers_at_a_time_equals_the_whole_pass(engine, with_de
     else:
         assert torch.equal(h, whole)
         assert torch.equal(split_cache.keys, whole_cache.keys) and torch.equal(split_cache.values, whole_cache.values)
+
+
+def test_a_rows_cost_counts_its_attention_by_the_keys_it_reads(engine):
+    """A scheduler's budget unit: a row reading no keys costs 1 through a layer; one at position p reads p + 1
+    keys and costs 1 + (p + 1) / keys_per_row, where keys_per_row is the layer's linear flops over attention's
+    flops per key (3072 for SmolLM2: 3.54M weights per layer / (2 * 9 heads * 64))."""
+    r = engine.runner
+    assert r.keys_per_row == 3072
+    cache = r.new_cache()
+    assert r.row_cost(Rows(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), cache)) == 3 + 6 / 3072
+    assert r.row_cost(Rows(torch.tensor([1]), torch.tensor([5119]), cache)) == 1 + 5120 / 3072
+    assert r.row_cost(Rows(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), cache)) == 0
