@@ -83,7 +83,8 @@ class StepStats(NamedTuple):
     prefill_tokens: int  # prompt rows computed in this step
     seconds: float  # the step's wall time
     preempted: int  # sequences preempted before it
-    prefill_work: float = 0.0  # what the prefill passes counted against the budget: rows x share of layers run
+    prefill_work: float = 0.0  # what the prefill passes counted against the budget (Runner.row_cost x share of
+    # the layers run)
 
 
 class Scheduler:
