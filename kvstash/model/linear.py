@@ -4,8 +4,8 @@ PyTorch sends ``F.linear`` on the CPU to MKL's GEMM. For the few rows of decodin
 a batch) oneDNN's linear is measurably faster on some CPUs: on an AVX2 AMD EPYC (2 threads) SmolLM2's decoder
 projections take 83 ms against 100 ms for 8 rows and 43 against 51 ms for one, its LM head 6 against 12 ms for
 one row. On others it may not be, so each use (:mod:`kvstash.model.head`, :mod:`kvstash.model.projections`)
-times both once and keeps the faster. oneDNN reads the weight as it is (no packed copy, no extra memory); the
-two agree to fp32 rounding.
+keeps the faster, timed once per machine (:mod:`kvstash.model.choice`). oneDNN reads the weight as it is (no
+packed copy, no extra memory); the two agree to fp32 rounding.
 """
 
 from __future__ import annotations

@@ -6,18 +6,20 @@ weight (the shape of vLLM's QKV and merged gate-up layers), all run by oneDNN's 
 (:mod:`kvstash.model.linear`): four matmuls a layer instead of seven, each wider. The fused weights are built
 once and the modules' weights become views into them, so nothing is held twice and the modules still compute
 the same. On an AVX2 AMD EPYC (2 threads) SmolLM2's 30 layers take 43 ms fused against 51 ms for one row and
-83 against 100 ms for 8 rows; :func:`projections` times both once per model and keeps the faster. Timing
-builds the fused weights first, so loading holds the layers' weights twice for that second (~420 MB for SmolLM2
-in fp32); the copies go if the modules win.
+83 against 100 ms for 8 rows; :func:`projections` keeps the faster, timed once per machine
+(:mod:`kvstash.model.choice`). Timing builds the fused weights first, so the first load on a machine holds the
+layers' weights twice for that second (~420 MB for SmolLM2 in fp32); the copies go if the modules win.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
-from kvstash.model.linear import faster, onednn_linear, onednn_ready
+from kvstash.model.choice import choose
+from kvstash.model.linear import onednn_linear, onednn_ready
 
 log = logging.getLogger(__name__)
 MARGIN = 0.97  # fused is kept unless it is not at least 3% faster (it measured 5-16% faster on an AVX2 EPYC)
@@ -81,8 +83,8 @@ def fusable(layer: torch.nn.Module) -> bool:
 
 def projections(model: torch.nn.Module) -> list[Projections]:
     """Every decoder layer's :class:`Projections`: fused through oneDNN where that is measurably faster here,
-    else the modules. Chosen once per model and remembered on it (call it on the thread that runs the model:
-    the timing runs multi-threaded matmuls)."""
+    else the modules. Chosen once per model and remembered on it, timed once per machine (call it on the
+    thread that runs the model: timing runs multi-threaded matmuls)."""
     chosen = getattr(model, "_kvstash_projections", None)
     if chosen is None:
         chosen = _choose(list(model.model.layers), model.config.hidden_size)
@@ -94,19 +96,32 @@ def _choose(layers: list[torch.nn.Module], hidden: int) -> list[Projections]:
     plain = [Projections(layer) for layer in layers]
     if not layers or not all(fusable(layer) for layer in layers):
         return plain
+    built: list[Projections] = []  # the fused weights, made only if timing or the answer needs them
+
+    def fused() -> list[Projections]:
+        if not built:
+            built.extend(FusedProjections(layer) for layer in layers)
+        return built
+
     try:
-        fused = [FusedProjections(layer) for layer in layers]
-        chosen = faster(_timed(plain, hidden), _timed(fused, hidden), margin=MARGIN)
+        chosen = choose(_what(layers), _timed(lambda: plain, hidden), _timed(fused, hidden), margin=MARGIN)
     except (RuntimeError, AttributeError) as e:  # a torch build without the oneDNN op
         log.debug("oneDNN projections unavailable: %s", e)
         return plain
     log.debug("decoder projections through %s", "oneDNN, fused" if chosen else "the modules")
     if not chosen:
         return plain
-    for layer, f in zip(layers, fused, strict=True):  # the modules now read the fused weights: nothing held twice
+    for layer, f in zip(layers, fused(), strict=True):  # the modules now read the fused weights: nothing held twice
         _share(layer.self_attn, ("q_proj", "k_proj", "v_proj"), f.qkv_w)
         _share(layer.mlp, ("gate_proj", "up_proj"), f.gate_up_w)
-    return fused
+    return fused()
+
+
+def _what(layers: list[torch.nn.Module]) -> str:
+    """What the choice depends on: the layer count and the weights' shapes and dtype."""
+    a, m = layers[0].self_attn, layers[0].mlp
+    shapes = ",".join("x".join(map(str, x.weight.shape)) for x in (a.q_proj, a.k_proj, a.o_proj, m.gate_proj))
+    return f"projections {len(layers)} layers {shapes} {str(a.q_proj.weight.dtype).removeprefix('torch.')}"
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> torch.Tensor:
@@ -122,14 +137,15 @@ def _share(parent: torch.nn.Module, names: tuple[str, ...], fused: torch.Tensor)
         at += n
 
 
-def _timed(projs: list[Projections], hidden: int):
+def _timed(projs: Callable[[], list[Projections]], hidden: int):
     """All layers' projections on ``rows`` random rows (the weights stream from memory as in a real pass)."""
-    dtype = projs[0].attn.q_proj.weight.dtype
     inputs: dict[int, torch.Tensor] = {}
 
     def run(rows: int):
+        layers = projs()
+        dtype = layers[0].attn.q_proj.weight.dtype
         x = inputs.setdefault(rows, torch.randn(rows, hidden, dtype=dtype))
-        for p in projs:
+        for p in layers:
             q, _, _ = p.qkv(x)
             p.out(q.contiguous())
             p.mlp(x)

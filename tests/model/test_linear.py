@@ -15,6 +15,12 @@ from kvstash.model.projections import FusedProjections, Projections, fusable, pr
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def kernels_file(tmp_path, monkeypatch):
+    """The tiny layers' timing answers go to a throwaway file (the engine's model is already loaded)."""
+    monkeypatch.setattr("kvstash.model.choice.kvstash_home", lambda: tmp_path)
+
+
 def tiny_layer(seed: int = 0, dtype=torch.float32) -> LlamaDecoderLayer:
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -121,3 +127,24 @@ def test_the_engines_layers_equal_the_modules(engine):
             want = (a.q_proj(x), a.k_proj(x), a.v_proj(x), layer.mlp(x))
             for got, w in zip((*proj.qkv(x), proj.mlp(x)), want, strict=True):  # fp32 rounding of sums of 576
                 torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+
+
+def tiny_model():
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([tiny_layer(1), tiny_layer(2)])
+    model.config = LlamaConfig(hidden_size=64)
+    return model
+
+
+@needs_onednn
+@pytest.mark.parametrize("forced, fused", [("torch", False), ("onednn", True)])
+def test_kvstash_kernels_picks_the_projections_and_the_head(monkeypatch, forced, fused):
+    monkeypatch.setenv("KVSTASH_KERNELS", forced)
+    model = tiny_model()
+    q_ptr = model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    chosen = projections(model)
+    assert all(isinstance(p, FusedProjections) == fused for p in chosen)
+    assert (model.model.layers[0].self_attn.q_proj.weight.data_ptr() != q_ptr) == fused  # untouched if not fused
+    linear = torch.nn.Linear(64, 100, bias=False)
+    assert (lm_head(linear) is linear) != fused
