@@ -5,7 +5,8 @@ keep the faster. The two agree only to fp32 rounding, so if each process timed f
 flip the choice and two processes would write chunk KV that differs in its last bits (an ingest rerun would not
 reproduce its records). The first process on a machine times and writes the answer to
 ``$KVSTASH_HOME/kernels.json``, keyed by what the answer depends on (the weights' shapes and dtype, the CPU,
-the thread count, the torch version); later ones read it.
+the thread count, the torch version); later ones read it, and ones that start while it times wait for its
+answer (a file lock).
 
 ``KVSTASH_KERNELS`` overrides: ``auto`` (the default: as above), ``torch`` (always the model's own modules) or
 ``onednn`` (oneDNN wherever it can run). Delete ``kernels.json`` to time again.
@@ -13,12 +14,14 @@ the thread count, the torch version); later ones read it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,11 +53,15 @@ def choose(what: str, plain: Callable[[int], object], candidate: Callable[[int],
         return forced == "onednn"
     key = f"{what} | {cpu()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     path = kvstash_home() / FILE
-    known = _read(path)
-    if isinstance(known.get(key), bool):
-        return known[key]
-    chosen = faster(plain, candidate, margin=margin)
-    _write(path, {**_read(path), key: chosen})  # read again: another process may have added its own
+    known = _read(path).get(key)
+    if isinstance(known, bool):
+        return known
+    with _locked(path):  # processes starting together: the first times, the others wait and read its answer
+        known = _read(path).get(key)
+        if isinstance(known, bool):
+            return known
+        chosen = faster(plain, candidate, margin=margin)
+        _write(path, {**_read(path), key: chosen})
     return chosen
 
 
@@ -78,6 +85,25 @@ def _read(path: Path) -> dict:
         log.warning("ignoring %s (%s): the kernels will be timed again", path, e)
         return {}
     return data if isinstance(data, dict) else {}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` + ``.lock`` while the block runs; none where it cannot be taken (a
+    read-only home, a file system without locks): then two processes may time at once, as without it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        log.debug("no lock for %s: %s", path, e)
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("no lock for %s: %s", path, e)
+        yield  # closing the file releases the lock
 
 
 def _write(path: Path, data: dict) -> None:

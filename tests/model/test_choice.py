@@ -57,6 +57,23 @@ def test_a_second_process_reads_the_first_ones_answer(home):
     assert out.stdout.strip() == "True"
 
 
+def test_processes_that_start_together_agree(home):
+    """Two processes time at once, each finding the other kernel faster: the lock makes the second wait for
+    the first's answer, so both run the same kernels."""
+    code = (
+        "import sys, time\n"
+        "from kvstash.model import choice\n"
+        "slow = lambda rows: time.sleep(0.05)\n"
+        "fast = lambda rows: None\n"
+        "prefer = sys.argv[1] == 'candidate'\n"
+        "print(choice.choose('head 8x4 float32', fast if prefer else slow, slow if prefer else fast, margin=0.9))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, who], stdout=subprocess.PIPE, text=True)
+             for who in ("candidate", "plain")]  # fmt: skip
+    answers = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(answers) == 1 and answers <= {"True", "False"}
+
+
 @pytest.mark.parametrize("forced, want", [("torch", False), ("onednn", True), ("ONEDNN", True)])
 def test_kvstash_kernels_forces_a_choice_without_timing(home, monkeypatch, forced, want):
     monkeypatch.setenv("KVSTASH_KERNELS", forced)
