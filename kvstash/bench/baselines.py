@@ -34,6 +34,7 @@ class Measured(NamedTuple):
     kv_bytes: int  # bytes of the prompt's KV as the method holds it
     decode_tok_s: float = 0.0  # answer tokens per second after the first
     tokens_per_forward: float | None = None  # answer tokens after the first per decoding pass (1 without drafts)
+    gen_s: float | None = None  # this request's share of the wall time of the generation it ran in
 
 
 class _FirstTokenTimer(BaseStreamer):

@@ -15,7 +15,8 @@ from kvstash.bench.metrics import summarize
 CSV_FIELDS = (
     "method", "ttft_s", "ttft_p90_s", "speedup_vs_full", "accuracy", "f1", "agreement", "kl",
     "prompt_tokens", "recomputed_tokens", "reused_tokens", "kv_bytes", "peak_rss_mb", "n",
-    "decode_tok_s", "tokens_per_forward", "same_as_plain", "flips", "flip_gap_max",
+    "decode_tok_s", "tokens_per_forward", "same_as_plain", "flips", "flip_gap_max", "requests_per_s",
+    "completion_tok_s",
     "reuse", "codec", "kv_bits", "kv_alloc", "evict", "speculate",
 )  # fmt: skip
 # (header, summary field, format) of the markdown table's columns
@@ -32,6 +33,7 @@ TABLE = (
     ("KL(full‖m)", "kl", "{:.4f}"),
     ("KV MiB", "kv_bytes", "mib"),
     ("decode tok/s", "decode_tok_s", "{:.1f}"),
+    ("req/s", "requests_per_s", "{:.3f}"),
     ("tok/fwd", "tokens_per_forward", "{:.2f}"),
     ("= plain", "same_as_plain", "{:.2f}"),
 )
@@ -44,9 +46,11 @@ def _mean(xs: Sequence[float]) -> float:
 def summarize_methods(rows: list[dict[str, Any]], methods: Sequence[MethodSpec]) -> list[dict[str, Any]]:
     """One summary per method from the per-example rows; the first method (full) is the speedup reference.
 
-    ``ttft_s`` is the median, ``accuracy`` the contains-gold rate, ``agreement`` the share of answers equal to
-    full prefill's after normalization, ``kl`` the mean over examples of the mean per-token KL; token counts
-    and KV bytes are means per example; ``peak_rss_mb`` is the process's high-water mark after the method ran.
+    ``ttft_s`` is the median (under load with ``--concurrency``), ``requests_per_s`` and ``completion_tok_s``
+    the throughput of the generate calls, ``accuracy`` the contains-gold rate, ``agreement`` the share of
+    answers equal to full prefill's after normalization, ``kl`` the mean over examples of the mean per-token KL;
+    token counts and KV bytes are means per example; ``peak_rss_mb`` is the process's high-water mark after
+    the method ran.
     """
     out = []
     ref_median = None
@@ -80,12 +84,24 @@ def summarize_methods(rows: list[dict[str, Any]], methods: Sequence[MethodSpec])
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
                 "decode_tok_s": round(statistics.median(r.get("decode_tok_s") or 0.0 for r in mine), 2),
                 "tokens_per_forward": _mean_of(r.get("tokens_per_forward") for r in mine),
+                **_throughput(mine),
                 "speculate": spec.speculate,
                 "same_as_plain": _same_as(rows, spec) if spec.speculate or spec.reuse == "hf-lookup" else None,
                 **(_flips(mine) if spec.speculate and spec.plain == "full" else {}),
             }
         )
     return out
+
+
+def _throughput(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Answers and answer tokens per second of generation wall time (the generate calls only, not the scoring
+    prefills): one request at a time, or several together with ``--concurrency``. None for the baselines."""
+    seconds = [r.get("gen_s") for r in rows]
+    if not rows or None in seconds or sum(seconds) <= 0:
+        return {"requests_per_s": None, "completion_tok_s": None}
+    total = sum(seconds)
+    tokens = sum(r.get("completion_tokens", 0) for r in rows)
+    return {"requests_per_s": round(len(rows) / total, 4), "completion_tok_s": round(tokens / total, 2)}
 
 
 def _flips(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,6 +145,7 @@ def headline(config: dict[str, Any]) -> str:
     opts = "".join(f", {k}={v}" for k, v in config.get("dataset_options", {}).items())
     return (
         f"{config['dataset']}: n={config['n']}, passages={config['passages']}, max_tokens={config['max_tokens']}, "
+        f"concurrency={config.get('concurrency', 1)}, "
         f"seed={config['seed']}{opts}; {config['model']} ({config['dtype']}), threads={config['threads']}; "
         f"{config['elapsed_s']:.0f} s, peak RSS {config['peak_rss_mb']:.0f} MiB"
     )

@@ -21,6 +21,11 @@ store (``Engine(config, loaded=engine.lm)``), cleared and warmed once per exampl
   timed run and the KL prefill both see exactly the warm state; e.g. prefix's timed run caches the rest of
   the prompt in context, which would otherwise make its KL prefill an exact hit of everything.
 
+With ``concurrency`` N > 1 each method answers N examples at a time through :meth:`Engine.generate_many`
+(continuous batching; the family's store warmed for all N), so TTFT is measured under that load and the
+summaries' ``requests_per_s`` is the method's throughput; greedy answers, and the KL prefills (one example at
+a time, as before), do not change.
+
 Before timing, every method runs once on a small prompt (thread pools, allocator, transformers' first
 ``generate``), so medians and p90 are after warm-up.
 """
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kvstash.batch.scheduler import BatchConfig
 from kvstash.bench.baselines import HFGenerate, Measured
 from kvstash.bench.datasets import Example, load_dataset
 from kvstash.bench.methods import DEFAULT_METHODS, QUICK_METHODS, MethodSpec, parse_methods
@@ -63,11 +69,12 @@ class BenchConfig:
     data_dir: str | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)  # gold_position (nq/squad/kv), depth (needle)
     warmup: bool = True  # run every method once on a small prompt before timing
+    concurrency: int = 1  # examples whose answers are generated together (Engine.generate_many); 1: one by one
     progress: bool = True  # progress bar with ETA on stderr
     command: str = ""  # the command line, recorded in results.json
 
     def __post_init__(self) -> None:
-        for name in ("n", "passages", "max_tokens"):
+        for name in ("n", "passages", "max_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.methods or not self.methods[0].is_reference:
@@ -127,17 +134,20 @@ class _Family:
     def store(self):
         return self.engine.store if self.kind != "none" else None
 
-    def warm(self, case: Case) -> None:
-        """Clear the store and fill it with the state described in the module docstring (once per case)."""
-        if self.kind == "none" or self._warm_for == case.key:
+    def warm(self, cases: list[Case]) -> None:
+        """Clear the store and fill it with the state described in the module docstring, for every one of
+        ``cases`` (those generated together), once per group."""
+        key = tuple(c.key for c in cases)
+        if self.kind == "none" or self._warm_for == key:
             return
         self.store().clear()
-        if self.kind == "chunk":
-            for method in self.members:
-                self.engine.prefill(case.plan, method)
-        else:
-            self.engine.prefill(self.engine.plan([case.segments[0], case.segments[-1]]), "prefix")
-        self._warm_for = case.key
+        for case in cases:
+            if self.kind == "chunk":
+                for method in self.members:
+                    self.engine.prefill(case.plan, method)
+            else:
+                self.engine.prefill(self.engine.plan([case.segments[0], case.segments[-1]]), "prefix")
+        self._warm_for = key
 
 
 class _EngineMethod:
@@ -148,13 +158,25 @@ class _EngineMethod:
         self.method = family.engine.method(spec.reuse)
         family.members.append(self.method)
 
-    def run(self, case: Case, reference_ids: list[int] | None) -> Measured:
-        """Timed generation, then a prefill scored along ``reference_ids`` (None: this method's own answer)."""
-        self.family.warm(case)
+    def run(self, cases: list[Case], reference_ids: list[list[int] | None]) -> list[Measured]:
+        """Timed generation of every case (together through :meth:`Engine.generate_many` when there are
+        several), then per case a prefill scored along its ``reference_ids`` (None: this method's own answer)."""
+        self.family.warm(cases)
         engine, kw, store = self.family.engine, self.spec.engine_kwargs, self.family.store()
         speculate = "ngram" if self.spec.speculate else "off"
+        t = time.perf_counter()
         with _rollback(store) if store is not None else nullcontext():
-            res = engine.generate(case.segments, self.params, self.method, speculate=speculate, **kw)
+            if len(cases) == 1:
+                results = [engine.generate(cases[0].segments, self.params, self.method, speculate=speculate, **kw)]
+            else:
+                batch = BatchConfig(max_batch=len(cases))
+                plans = [c.plan for c in cases]
+                results = engine.generate_many(plans, self.params, self.method, batch=batch, speculate=speculate, **kw)
+        share = (time.perf_counter() - t) / len(cases)
+        return [self._score(c, res, ids, share) for c, res, ids in zip(cases, results, reference_ids, strict=True)]
+
+    def _score(self, case: Case, res, reference_ids: list[int] | None, gen_s: float) -> Measured:
+        engine, kw, store = self.family.engine, self.spec.engine_kwargs, self.family.store()
         ids = res.token_ids if reference_ids is None else reference_ids
         with _rollback(store) if store is not None else nullcontext():
             pre = engine.prefill(case.plan, self.method, **kw)
@@ -165,7 +187,7 @@ class _EngineMethod:
         per_forward = (n - 1) / forwards if forwards > 0 else None
         return Measured(
             res.token_ids, res.text, res.ttft_s, logits, r.recomputed_tokens, r.reused_tokens, kv_bytes,
-            res.decode_tok_s, per_forward,
+            res.decode_tok_s, per_forward, gen_s,
         )  # fmt: skip
 
 
@@ -177,9 +199,10 @@ class _HFMethod:
             lm.model, lm.tokenizer, engine.eos_ids, max_tokens, spec.reuse == "hf-prefix", spec.reuse == "hf-lookup"
         )
 
-    def run(self, case: Case, reference_ids: list[int] | None) -> Measured:
-        assert reference_ids is not None, "a baseline is never the reference"
-        return self.hf.run(case.plan, reference_ids)
+    def run(self, cases: list[Case], reference_ids: list[list[int] | None]) -> list[Measured]:
+        """One case at a time (transformers' generate is not batched here)."""
+        assert None not in reference_ids, "a baseline is never the reference"
+        return [self.hf.run(case.plan, ids) for case, ids in zip(cases, reference_ids, strict=True)]
 
 
 def _family_kind(spec: MethodSpec) -> str:
@@ -218,16 +241,22 @@ class Bench:
 
     def run_case(self, case: Case, bar: tqdm | None = None) -> list[dict[str, Any]]:
         """One row per method for ``case``; the first method is full prefill, the reference."""
-        rows, ref = [], None
+        return self.run_cases([case], bar)
+
+    def run_cases(self, cases: list[Case], bar: tqdm | None = None) -> list[dict[str, Any]]:
+        """:meth:`run_case` for cases whose answers each method generates together; rows by case, then method."""
+        rows: list[list[dict[str, Any]]] = [[] for _ in cases]
+        refs: list[Measured] | None = None
         for m in self.methods:
             if bar is not None:
-                bar.set_postfix_str(f"{case.key} {m.spec.name}", refresh=False)
-            measured = m.run(case, None if ref is None else ref.token_ids)
-            ref = ref or measured
-            rows.append(self.score(m.spec, case, ref, measured))
+                bar.set_postfix_str(f"{cases[0].key} {m.spec.name}", refresh=False)
+            measured = m.run(cases, [None] * len(cases) if refs is None else [r.token_ids for r in refs])
+            refs = refs or measured
+            for out, case, ref, mine in zip(rows, cases, refs, measured, strict=True):
+                out.append(self.score(m.spec, case, ref, mine))
             if bar is not None:
-                bar.update(1)
-        return rows
+                bar.update(len(cases))
+        return [row for case_rows in rows for row in case_rows]
 
     def score(self, spec: MethodSpec, case: Case, ref: Measured, m: Measured) -> dict[str, Any]:
         ex = case.example
@@ -249,6 +278,8 @@ class Bench:
             "kv_bytes": m.kv_bytes,
             "decode_tok_s": m.decode_tok_s,
             "tokens_per_forward": m.tokens_per_forward,
+            "completion_tokens": len(m.token_ids),
+            "gen_s": m.gen_s,
             "divergence": _divergence(ref, m),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             **{k: v for k, v in ex.meta.items() if k in ("gold_index", "depth")},
@@ -285,8 +316,8 @@ def run_bench(engine: Engine, config: BenchConfig) -> BenchResult:
     rows: list[dict[str, Any]] = []
     total = len(examples) * len(bench.methods)
     with tqdm(total=total, desc=c.dataset, unit="run", disable=not c.progress, dynamic_ncols=True) as bar:
-        for ex in examples:
-            rows += bench.run_case(bench.case(ex), bar)
+        for i in range(0, len(examples), c.concurrency):
+            rows += bench.run_cases([bench.case(ex) for ex in examples[i : i + c.concurrency]], bar)
     return BenchResult(_config_dict(engine, config, time.perf_counter() - t0), summarize_methods(rows, c.methods), rows)
 
 
@@ -300,6 +331,7 @@ def _config_dict(engine: Engine, c: BenchConfig, elapsed: float) -> dict[str, An
         "passages": c.passages,
         "seed": c.seed,
         "max_tokens": c.max_tokens,
+        "concurrency": c.concurrency,
         "methods": [m.name for m in c.methods],
         "dataset_options": dict(c.dataset_options),
         "quality_metric": c.quality_metric,

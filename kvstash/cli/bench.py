@@ -48,6 +48,15 @@ def register(sub) -> None:
     p.add_argument("--passages", type=int, help="passages per prompt (default 6)")
     p.add_argument("--max-tokens", type=int, help="tokens generated per answer, greedy (default 32)")
     p.add_argument("--seed", type=int, default=0, help="dataset sampling seed (default 0)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="generate N examples' answers together with continuous batching (Engine.generate_many), per method: "
+        "req/s then shows each method's throughput under load and TTFT is measured under load; answers, "
+        "accuracy and KL are the same as one at a time (default 1)",
+    )
     p.add_argument("--quick", action="store_true", help="a small run: 2-4 minutes on 2 cores")
     p.add_argument("--out", metavar="DIR", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data files (default ../shared/data)")
@@ -74,6 +83,7 @@ def config_from_args(args):
     given = {"n": args.n, "passages": args.passages, "max_tokens": args.max_tokens, "methods": args.methods}
     common = {
         "seed": args.seed,
+        "concurrency": args.concurrency,
         "data_dir": args.data_dir,
         "dataset_options": opts,
         "progress": not args.no_progress,
@@ -92,6 +102,8 @@ def command_line(config, args) -> str:
     argv = ["kvstash", "bench", config.dataset, "--n", str(config.n), "--passages", str(config.passages)]
     argv += ["--max-tokens", str(config.max_tokens), "--seed", str(config.seed)]
     argv += ["--methods", ",".join(m.name for m in config.methods)]
+    if config.concurrency != 1:
+        argv += ["--concurrency", str(config.concurrency)]
     for key, value in config.dataset_options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     for flag, value in (("--data-dir", args.data_dir), ("--threads", args.threads)):

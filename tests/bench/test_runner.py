@@ -20,6 +20,7 @@ def _rows():
             "method": method, "ttft_s": ttft, "contains": contains, "f1": float(contains), "agree": agree,
             "kl": kl, "prompt_tokens": 100, "recomputed_tokens": 100 if method == "full" else 10,
             "reused_tokens": 0 if method == "full" else 90, "kv_bytes": 2**20, "peak_rss_mb": 500.0,
+            "gen_s": ttft + 1.0, "completion_tokens": 8,
         }  # fmt: skip
 
     return [
@@ -118,14 +119,17 @@ def test_summarize_methods_medians_speedup_rates():
     assert naive["agreement"] == pytest.approx(2 / 3, abs=1e-4)
     assert naive["kl"] == pytest.approx(0.2)
     assert (naive["recomputed_tokens"], naive["reused_tokens"], naive["n"]) == (10, 90, 3)
+    # throughput of the generate calls: 3 answers of 8 tokens in (1.5 + 2.5 + 2.0) s
+    assert (naive["requests_per_s"], naive["completion_tok_s"]) == (0.5, 4.0)
 
 
 def test_markdown_table_formats_every_column():
     methods = summarize_methods(_rows(), parse_methods("full,naive"))
     lines = markdown_table(methods).splitlines()
     assert lines[0].startswith("| method | TTFT med (s) | TTFT p90 (s) | speedup |")
-    assert lines[1] == "|" + "---|" * 14
-    assert lines[3] == "| naive | 1.000 | 1.400 | 3.00x | 10 | 90 | 0.33 | 0.333 | 0.67 | 0.2000 | 1.0 | 0.0 | — | — |"
+    assert lines[1] == "|" + "---|" * 15
+    want = "| naive | 1.000 | 1.400 | 3.00x | 10 | 90 | 0.33 | 0.333 | 0.67 | 0.2000 | 1.0 | 0.0 | 0.500 | — | — |"
+    assert lines[3] == want
 
 
 def test_speculation_columns_compare_with_the_plain_method():
@@ -197,3 +201,31 @@ def test_bench_spec_kv4mixed() -> None:
     assert parse_method("full@kv4").engine_kwargs == {"kv_bits": 4}
     with pytest.raises(ValueError, match="use @kv4mixed"):
         parse_method("full@kv2mixed")
+
+
+def test_examples_generated_together_give_the_same_answers_and_kl(engine, tiny_data, one_thread):
+    """--concurrency: each method answers several examples at once through generate_many (a group of 2, then
+    the last one alone); greedy answers and the KL scoring equal the run one example at a time, and every
+    kvstash method reports its throughput."""
+    common = {"n": 3, "passages": 2, "max_tokens": 4, "data_dir": str(tiny_data), "progress": False,
+              "warmup": False, "methods": "full,prefix,blend:0.15,full+spec"}  # fmt: skip
+    alone = run_bench(engine, BenchConfig.quick("needle", **common))
+    together = run_bench(engine, BenchConfig.quick("needle", concurrency=2, **common))
+    assert together.config["concurrency"] == 2 and alone.config["concurrency"] == 1
+
+    def by_key(result):
+        return {(r["id"], r["method"]): r for r in result.examples}
+
+    a, b = by_key(alone), by_key(together)
+    assert list(a) == list(b) and len(a) == 3 * 4  # the same rows in the same order
+    for key, row in a.items():
+        assert b[key]["answer"] == row["answer"], key
+        assert b[key]["kl"] == pytest.approx(row["kl"], abs=1e-6), key
+        assert b[key]["gen_s"] > 0 and b[key]["completion_tokens"] == row["completion_tokens"]
+    for m in together.methods:
+        assert m["requests_per_s"] > 0 and m["completion_tok_s"] > 0
+
+
+def test_concurrency_must_be_positive():
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        BenchConfig("needle", concurrency=0)
