@@ -185,7 +185,7 @@ class Scheduler:
         layers: a blend pass over thousands of tokens, or a plain chunk over the budget, runs a few layers per
         step while the others decode). The first prefill of a step may use the whole budget, and always gets a
         layer."""
-        remaining = self.runner.num_layers - seq.layer
+        remaining = seq.end - seq.layer
         room = left if not first else max(left, self.config.max_batch_tokens)
         if per_layer * remaining <= room:
             return remaining
@@ -202,16 +202,15 @@ class Scheduler:
     def _advance_prefill(self, seqs: list[Sequence], hs: list[torch.Tensor]) -> None:
         at = 0
         for seq in seqs:
-            n, end = len(seq.pending), seq.pending[0].last if seq.pending else self.runner.num_layers
+            n, end = len(seq.pending), seq.pending[0].last if seq.pending else seq.end
             out, at = hs[at : at + n], at + n
-            if end < self.runner.num_layers:  # the pass goes on from layer ``end`` in a later step
+            if end < seq.end:  # the pass goes on from layer ``end`` in a later step
                 for rows, h in zip(seq.pending, out, strict=True):
                     rows.h = h
                 seq.layer = end
                 continue
-            seq.layer = 0
             try:
-                seq.pending = seq.steps.send(out)
+                self._next_pass(seq, seq.steps.send(out))
             except StopIteration as done:
                 self._prefilled(seq, done.value)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
@@ -243,11 +242,18 @@ class Scheduler:
         seq.steps = self._prefill_steps(seq)
         self.running.append(seq)
         try:
-            seq.pending = next(seq.steps)
+            self._next_pass(seq, next(seq.steps))
         except StopIteration as done:
             self._prefilled(seq, done.value)
         except Exception as e:  # noqa: BLE001 - reported to this request only
             self._finish(seq, error=e)
+
+    def _next_pass(self, seq: Sequence, pending: list[Rows]) -> None:
+        """The prompt's next pass: it runs layers [first, last) of its rows (the model's every layer unless the
+        method asked for fewer, e.g. blend's first layers in chunks of tokens), cut by :meth:`_plan`."""
+        head = pending[0] if pending else None
+        seq.pending, seq.layer = pending, head.first if head is not None else 0
+        seq.end = head.last if head is not None and head.last is not None else self.runner.num_layers
 
     def _prefill_steps(self, seq: Sequence) -> Steps[Prefilled]:
         """The prompt's KV by its reuse method, compressed; after a preemption also the tokens it had fed."""

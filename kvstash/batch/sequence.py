@@ -50,6 +50,7 @@ class Sequence:
     steps: Steps[Prefilled] | None = None  # the prefill's passes while PREFILL
     pending: list[Rows] | None = None  # the pass it waits to run
     layer: int = 0  # the pending pass's next layer (a pass may run a few layers per step)
+    end: int = 0  # the layer the pending pass ends at (exclusive): the model's last unless the pass says less
     pre: Prefilled | None = None  # the prompt's cache once prefilled
     dec: Decoding | None = None
     stepper: Stepper | None = None  # its decoding steps over its current cache

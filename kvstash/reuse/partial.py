@@ -90,7 +90,12 @@ class PartialPrefill(ReuseMethod):
         """One partial pass, as steps. Returns (last-token logits [V], chosen [R] bool over the rest tokens, gate
         count). ``observe``, if given, sees each layer's queries of the active tokens, every key and the mask."""
         hook = PartialPass(self, cache, layout, observe)
-        (h,) = yield [hook.rows()]
+        rows = hook.rows()
+        lead = min(self.first_check, runner.num_layers)
+        if lead and observe is None and len(rows.positions) > self.prefill_chunk:
+            rows.h = yield from lead_layers(rows, lead, layout, self.prefill_chunk)
+            rows.first = lead
+        (h,) = yield [rows]
         assert int(hook.active[-1]) == len(layout.ids) - 1, "the prompt's last token must be computed"
         return runner.logits(h[-1:])[0], hook.chosen, hook.fired
 
@@ -109,6 +114,33 @@ class NaiveReuse(PartialPrefill):
 
     def initial_active(self, layout: Layout) -> torch.Tensor:
         return ~layout.reused
+
+
+class _Lead(LayerHook):
+    """The hook of the layers before the first check: the stored chunks' KV of a layer is in place before the
+    recomputed K/V overwrite it, and every row writes."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def select(self, layer: int, q, k, v) -> Selection | None:
+        self.layout.wait(layer)
+        return None
+
+
+def lead_layers(rows: Rows, layers: int, layout: Layout, chunk: int) -> Steps[torch.Tensor]:
+    """``rows`` (a partial pass's, every one active) through layers [0, ``layers``) in passes of ``chunk``
+    tokens, in order: as in chunked prefill, a chunk attends to itself and to the chunks before it, whose K/V
+    of these layers are already recomputed, and the keys after it are hidden by position. So the layers every
+    token runs (blend's, before its check layer) are not one pass over the whole prompt, which no step budget
+    could cut below a layer. Returns the hidden states [T, hidden] after layer ``layers - 1``."""
+    hook, outs = _Lead(layout), []
+    for s in range(0, len(rows.positions), chunk):
+        part = Rows(rows.ids[s : s + chunk], rows.positions[s : s + chunk], rows.cache, rows.slots[s : s + chunk])
+        part.hook, part.last = hook, layers
+        (h,) = yield [part]
+        outs.append(h)
+    return torch.cat(outs)
 
 
 def _count_chosen(plan: PromptPlan, layout: Layout, chosen: torch.Tensor, report: PrefillReport) -> None:

@@ -299,3 +299,32 @@ def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine,
     assert make_method("blend:auto", ratio=0.2).cfg.ratio == 0.2
     with pytest.raises(ValueError, match="auto_min <= ratio"):
         BlendConfig(ratio=0.1, auto=0.1, auto_min=0.2)
+
+
+def _driven(engine, method, plan, source):
+    """``method``'s prefill run pass by pass, alone: (passes, Prefilled)."""
+    steps, n = method.prefill_steps(engine.runner, plan, source), 0
+    try:
+        batch = next(steps)
+        while True:
+            n += 1
+            batch = steps.send(engine.runner.run(batch))
+    except StopIteration as done:
+        return n, done.value
+
+
+def test_blends_first_layers_run_in_chunks_of_tokens_and_equal_one_pass(engine, source):
+    """The layers before the check layer, where every token runs, go in passes of ``prefill_chunk`` tokens (so
+    a scheduler's budget can cut them below a layer); the prompt's cache, logits and choice equal one pass."""
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    n_whole, whole = _driven(engine, BlendReuse(), plan, source)
+    n_split, split = _driven(engine, BlendReuse(prefill_chunk=16), plan, source)
+    assert n_split >= n_whole + 3  # the ~70 tokens after the exact head: one pass of the first layer per 16
+    assert _max_diff(whole.last_logits, split.last_logits) < 1e-4
+    assert _max_diff(whole.cache.keys, split.cache.keys) < 1e-4
+    assert _max_diff(whole.cache.values, split.cache.values) < 1e-4
+    assert (split.report.recomputed_tokens, split.report.reused_tokens) == (
+        whole.report.recomputed_tokens,
+        whole.report.reused_tokens,
+    )
