@@ -9,7 +9,11 @@ import pytest
 def engine():
     from kvstash.engine import Engine
 
-    return Engine()
+    e = Engine()
+    # kernels chosen now and remembered in $KVSTASH_HOME/kernels.json, before any test points that file
+    # elsewhere: the CLI and server processes the tests start then run the same kernels as this one
+    e.runner.choose_kernels()
+    return e
 
 
 @pytest.fixture(scope="session")
