@@ -97,7 +97,7 @@ def _throughput(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """Answers and answer tokens per second of generation wall time (the generate calls only, not the scoring
     prefills): one request at a time, or several together with ``--concurrency``. None for the baselines."""
     seconds = [r.get("gen_s") for r in rows]
-    if not rows or None in seconds or sum(seconds) <= 0:
+    if None in seconds or sum(seconds) <= 0:
         return {"requests_per_s": None, "completion_tok_s": None}
     total = sum(seconds)
     tokens = sum(r.get("completion_tokens", 0) for r in rows)

@@ -109,6 +109,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _write(path: Path, data: dict) -> None:
     """Atomically (a reader sees the old file or the new one), and never fatal: a read-only home only means
     the next process times again."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILE}.")
@@ -117,3 +118,5 @@ def _write(path: Path, data: dict) -> None:
         os.replace(tmp, path)
     except OSError as e:
         log.debug("could not remember the kernel choice in %s: %s", path, e)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # a full disk must not leave half-written files behind
