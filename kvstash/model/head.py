@@ -2,8 +2,10 @@
 
 The head is the model's largest matmul ([vocab, hidden] = 49152 x 576 for SmolLM2) and runs on every decoded
 token. For a weight that tall and few rows, MKL's fp32 GEMM is slow on some CPUs: on an AVX2 AMD EPYC (2 threads)
-11.8 ms for 1 row and 53 ms for 8, where oneDNN takes 6.3 ms and 18 ms. :func:`lm_head` keeps the faster, timed
-once per machine (:mod:`kvstash.model.choice`); the results agree to fp32 rounding either way.
+11.8 ms for 1 row and 53 ms for 8, where oneDNN takes 6.3 ms and 11 ms from a packed copy of the weight
+(:func:`kvstash.model.linear.pack`: the head's bytes once more, as the weight is tied to the embeddings).
+:func:`lm_head` keeps the faster, timed once per machine (:mod:`kvstash.model.choice`); the results agree to
+fp32 rounding either way.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import torch
 
 from kvstash.model.choice import choose
-from kvstash.model.linear import Linear, onednn_linear, onednn_ready
+from kvstash.model.linear import Linear, onednn_linear, onednn_ready, packing
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def _choose(linear: torch.nn.Linear) -> Head:
     fast = onednn_linear(weight)
     try:
         what = f"head {'x'.join(map(str, weight.shape))} {str(weight.dtype).removeprefix('torch.')}"
+        what += " packed" if packing() else ""
         chosen = choose(what, _timed(linear, weight), _timed(fast, weight), margin=0.9)
     except (RuntimeError, AttributeError) as e:  # a torch build without the oneDNN op: keep the module
         log.debug("oneDNN LM head unavailable: %s", e)

@@ -3,12 +3,13 @@ fused through oneDNN, whichever this CPU runs faster.
 
 Fused: q, k and v are one ``[H*D + 2*KVH*D, hidden]`` weight and the MLP's gate and up one ``[2*I, hidden]``
 weight (the shape of vLLM's QKV and merged gate-up layers), all run by oneDNN's linear
-(:mod:`kvstash.model.linear`): four matmuls a layer instead of seven, each wider. The fused weights are built
-once and the modules' weights become views into them, so nothing is held twice and the modules still compute
-the same. On an AVX2 AMD EPYC (2 threads) SmolLM2's 30 layers take 43 ms fused against 51 ms for one row and
-83 against 100 ms for 8 rows; :func:`projections` keeps the faster, timed once per machine
-(:mod:`kvstash.model.choice`). Timing builds the fused weights first, so the first load on a machine holds the
-layers' weights twice for that second (~420 MB for SmolLM2 in fp32); the copies go if the modules win.
+(:mod:`kvstash.model.linear`, from its packed copies of the weights): four matmuls a layer instead of seven,
+each wider. The fused weights are built once and the modules' weights become views into them, so the plain
+weights are held once and the modules still compute the same; oneDNN's packed copies are held next to them
+(the layers' bytes once more, ~420 MB for SmolLM2 in fp32; ``KVSTASH_PACK_WEIGHTS=0`` goes without). On an AVX2
+AMD EPYC (2 threads) SmolLM2's 30 layers take 35-38 ms fused and packed against 51 ms through the modules for
+one row, and 55-61 against 100 ms for 8 rows; :func:`projections` keeps the faster, timed once per machine
+(:mod:`kvstash.model.choice`). If the modules win, the fused weights are dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from kvstash.model.choice import choose
-from kvstash.model.linear import onednn_linear, onednn_ready
+from kvstash.model.linear import onednn_linear, onednn_ready, packing
 
 log = logging.getLogger(__name__)
 MARGIN = 0.97  # fused is kept unless it is not at least 3% faster (it measured 5-16% faster on an AVX2 EPYC)
@@ -121,7 +122,8 @@ def _what(layers: list[torch.nn.Module]) -> str:
     """What the choice depends on: the layer count and the weights' shapes and dtype."""
     a, m = layers[0].self_attn, layers[0].mlp
     shapes = ",".join("x".join(map(str, x.weight.shape)) for x in (a.q_proj, a.k_proj, a.o_proj, m.gate_proj))
-    return f"projections {len(layers)} layers {shapes} {str(a.q_proj.weight.dtype).removeprefix('torch.')}"
+    dtype = str(a.q_proj.weight.dtype).removeprefix("torch.")
+    return f"projections {len(layers)} layers {shapes} {dtype}" + (" packed" if packing() else "")
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> torch.Tensor:

@@ -1,7 +1,10 @@
-"""Linear layers through oneDNN: the LM head and the fused decoder projections compute what the modules do,
-hold no second copy of the weights, and are chosen once."""
+"""Linear layers through oneDNN: the LM head and the fused decoder projections compute what the modules do from
+oneDNN's packed copy of the weights or reading them in place (``KVSTASH_PACK_WEIGHTS``), hold the plain weights
+once, and are chosen once."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from kvstash.model.head import lm_head
-from kvstash.model.linear import onednn_linear
+from kvstash.model.linear import onednn_linear, pack, packing
 from kvstash.model.projections import FusedProjections, Projections, fusable, projections
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -28,8 +31,10 @@ def tiny_layer(seed: int = 0, dtype=torch.float32) -> LlamaDecoderLayer:
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_onednn_linear_equals_the_module(rows):
+@pytest.mark.parametrize("packed", ["1", "0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_the_onednn_linear_equals_the_module(rows, packed, monkeypatch):
+    monkeypatch.setenv("KVSTASH_PACK_WEIGHTS", packed)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 1000, bias=False)
     x = torch.randn(rows, 64)
@@ -37,6 +42,38 @@ def test_the_onednn_linear_equals_the_module(rows):
         want, got = linear(x), onednn_linear(linear.weight)(x)
     assert got.shape == want.shape == (rows, 1000)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_a_packed_weight_is_onednns_own_copy_and_the_weight_is_left_as_it_was():
+    weight = torch.nn.Linear(64, 100, bias=False).weight.detach()
+    before = weight.clone()
+    packed = pack(weight)
+    if packed is weight:  # this CPU cannot pack fp32 (no such CPU known): nothing to check
+        pytest.skip("oneDNN cannot pack an fp32 weight here")
+    assert packed.is_mkldnn and packed.shape == weight.shape  # an opaque oneDNN tensor, not a view of the weight
+    assert torch.equal(weight, before)
+
+
+def test_a_weight_that_cannot_be_packed_is_read_in_place(monkeypatch):
+    def refuse(weight, rows):
+        raise RuntimeError("bf16 path needs the cpu support avx512bw")  # what torch says on an AVX2 CPU
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    weight = torch.randn(8, 4)
+    assert pack(weight) is weight
+
+
+@pytest.mark.parametrize("value, want", [("1", True), ("0", False), ("off", False), ("", True)])
+def test_kvstash_pack_weights_turns_packing_on_and_off(monkeypatch, value, want):
+    monkeypatch.setenv("KVSTASH_PACK_WEIGHTS", value)
+    assert packing() is want
+
+
+def test_a_bad_kvstash_pack_weights_says_what_it_takes(monkeypatch):
+    monkeypatch.setenv("KVSTASH_PACK_WEIGHTS", "yes please")
+    with pytest.raises(ValueError, match="use 1 .* or 0"):
+        packing()
 
 
 def test_the_head_choice_is_made_once_and_gives_the_modules_numbers():
@@ -76,7 +113,8 @@ def test_fused_projections_compute_what_the_modules_do_on_the_same_memory(rows):
 @needs_onednn
 def test_chosen_fused_projections_leave_one_copy_of_the_weights_and_are_kept():
     """Whichever way the timing goes, the choice is remembered; when fused wins, the modules' weights are views
-    of the fused ones (no second copy) and still compute the same."""
+    of the fused ones (the plain weights held once; oneDNN's packed copy is the only other) and still compute
+    the same."""
     model = torch.nn.Module()
     model.model = torch.nn.Module()
     model.model.layers = torch.nn.ModuleList([tiny_layer(1), tiny_layer(2)])
@@ -148,3 +186,20 @@ def test_kvstash_kernels_picks_the_projections_and_the_head(monkeypatch, forced,
     assert (model.model.layers[0].self_attn.q_proj.weight.data_ptr() != q_ptr) == fused  # untouched if not fused
     linear = torch.nn.Linear(64, 100, bias=False)
     assert (lm_head(linear) is linear) != fused
+
+
+@needs_onednn
+def test_packed_and_in_place_kernels_are_timed_and_remembered_apart(tmp_path, monkeypatch):
+    """A choice timed against the packed weights is not reused for weights read in place, nor the other way."""
+    monkeypatch.delenv("KVSTASH_KERNELS", raising=False)
+    for value in ("1", "0"):
+        monkeypatch.setenv("KVSTASH_PACK_WEIGHTS", value)
+        projections(tiny_model())
+        lm_head(torch.nn.Linear(64, 100, bias=False))
+    keys = sorted(k.split(" | ")[0] for k in json.loads((tmp_path / "kernels.json").read_text()))
+    assert keys == [
+        "head 100x64 float32",
+        "head 100x64 float32 packed",
+        "projections 2 layers 64x64,32x64,64x64,96x64 float32",
+        "projections 2 layers 64x64,32x64,64x64,96x64 float32 packed",
+    ]
