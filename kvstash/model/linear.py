@@ -37,17 +37,23 @@ def onednn_ready(weight: torch.Tensor) -> bool:
     return weight.dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available() and weight.is_contiguous()
 
 
-def onednn_linear(weight: torch.Tensor) -> Linear:
+class OneDNNLinear:
     """``x @ weight.T`` through oneDNN's linear: from a packed copy of ``weight`` [out, in] (see the module's
-    docstring), or reading it in place when :func:`packing` is off or this CPU cannot pack its dtype."""
-    weight = weight.detach()
-    if packing():
-        weight = pack(weight)
+    docstring), or reading it in place when :func:`packing` is off or this CPU cannot pack its dtype.
+    ``packed_bytes``: what the packed copy adds (0 when read in place)."""
 
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.detach()
+        self.weight = pack(weight) if packing() else weight
+        self.packed_bytes = weight.numel() * weight.element_size() if self.weight is not weight else 0
 
-    return linear
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
+
+
+def onednn_linear(weight: torch.Tensor) -> OneDNNLinear:
+    """See :class:`OneDNNLinear`."""
+    return OneDNNLinear(weight)
 
 
 def packing() -> bool:

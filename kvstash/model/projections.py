@@ -59,6 +59,11 @@ class FusedProjections(Projections):
         self._qkv, self._gate_up = onednn_linear(self.qkv_w), onednn_linear(self.gate_up_w)
         self._o, self._down = onednn_linear(a.o_proj.weight), onednn_linear(m.down_proj.weight)
 
+    @property
+    def packed_bytes(self) -> int:
+        """What oneDNN's packed copies of this layer's weights add (0 when they are read in place)."""
+        return sum(f.packed_bytes for f in (self._qkv, self._gate_up, self._o, self._down))
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self._qkv(x).split(self.split, dim=-1))
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from kvstash.cache.kv import KVCache
 from kvstash.model.attention import attention_mask, visible_keys
 from kvstash.model.head import Head, lm_head
-from kvstash.model.projections import Projections, projections
+from kvstash.model.linear import OneDNNLinear
+from kvstash.model.projections import FusedProjections, Projections, projections
 from kvstash.model.rope import Rope, apply_rope
 
 T = TypeVar("T")
@@ -198,6 +199,21 @@ class Runner:
         """Each layer's linear layers, fused through oneDNN or the modules, chosen by timing on first use
         (:func:`projections`, remembered on the model)."""
         return projections(self.model)
+
+    def kernels(self) -> dict:
+        """What the linear layers run on (chosen on first use: call it after :meth:`choose_kernels`, on the
+        thread that runs the model): ``projections`` ``"torch"`` (the modules) or ``"onednn fused"``, ``head``
+        ``"torch"`` or ``"onednn"``, each with ``" packed"`` when oneDNN runs from its packed copies, and
+        ``packed_mb``, the memory those copies add."""
+        projs, head = self.projections(), self.head()
+        fused = [p for p in projs if isinstance(p, FusedProjections)]
+        layers_packed = sum(p.packed_bytes for p in fused)
+        head_packed = head.packed_bytes if isinstance(head, OneDNNLinear) else 0
+        return {
+            "projections": ("onednn fused" + (" packed" if layers_packed else "")) if fused else "torch",
+            "head": ("onednn" + (" packed" if head_packed else "")) if isinstance(head, OneDNNLinear) else "torch",
+            "packed_mb": round((layers_packed + head_packed) / 2**20, 1),
+        }
 
     def choose_kernels(self) -> None:
         """Time the linear layers' kernels now (:meth:`head`, :meth:`projections`), about a second, rather than

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -173,6 +174,7 @@ class Worker:
     def _run(self) -> None:
         sched = self.scheduler
         sched.runner.choose_kernels()  # timed here, on this thread, before the first request
+        log.info(json.dumps({"event": "kernels", **sched.runner.kernels()}))
         while not (self._stopped and not sched.running):
             self._take(block=not sched.has_work)
             if self._stopping:

@@ -203,3 +203,28 @@ def test_packed_and_in_place_kernels_are_timed_and_remembered_apart(tmp_path, mo
         "projections 2 layers 64x64,32x64,64x64,96x64 float32",
         "projections 2 layers 64x64,32x64,64x64,96x64 float32 packed",
     ]
+
+
+@needs_onednn
+@pytest.mark.parametrize("forced, packed", [("torch", "1"), ("onednn", "1"), ("onednn", "0")])
+def test_the_runner_says_what_its_linear_layers_run_on(monkeypatch, forced, packed):
+    from transformers import LlamaForCausalLM
+
+    from kvstash.model.runner import Runner
+
+    monkeypatch.setenv("KVSTASH_KERNELS", forced)
+    monkeypatch.setenv("KVSTASH_PACK_WEIGHTS", packed)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip
+    runner = Runner(LlamaForCausalLM(cfg).eval())
+    runner.choose_kernels()
+    kernels = runner.kernels()
+    if forced == "torch":
+        assert kernels == {"projections": "torch", "head": "torch", "packed_mb": 0.0}
+        return
+    can_pack = packed == "1" and pack(torch.zeros(4, 4)).is_mkldnn
+    suffix = " packed" if can_pack else ""
+    assert kernels["projections"] == "onednn fused" + suffix and kernels["head"] == "onednn" + suffix
+    # packed: every layer's 7 weights (2 x 30720 floats) and the head's (100 x 64), once more
+    assert kernels["packed_mb"] == (round((2 * 30720 + 6400) * 4 / 2**20, 1) if can_pack else 0.0)
