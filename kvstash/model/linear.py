@@ -1,15 +1,16 @@
 """Linear layers through oneDNN, and the timing that decides whether a CPU runs them faster that way.
 
 PyTorch sends ``F.linear`` on the CPU to MKL's GEMM. For the few rows of decoding (one per sequence, or eight in
-a batch) oneDNN's linear is measurably faster on some CPUs: on an AVX2 AMD EPYC (2 threads) SmolLM2's decoder
-projections take 83 ms against 100 ms for 8 rows and 43 against 51 ms for one, its LM head 6 against 12 ms for
-one row. On others it may not be, so each use (:mod:`kvstash.model.head`, :mod:`kvstash.model.projections`)
-keeps the faster, timed once per machine (:mod:`kvstash.model.choice`); the two agree to fp32 rounding.
+a batch) oneDNN's linear is measurably faster on some CPUs: on an AVX2 AMD EPYC (2 threads) SmolLM2's fused
+decoder projections take 95 ms against 184 ms through MKL for 8 rows and 46 against 50 ms for one, its LM head
+7.9 against 14.1 ms for one row (``benchmarks/linear_kernels.py``). On others it may not be, so each use
+(:mod:`kvstash.model.head`, :mod:`kvstash.model.projections`) keeps the faster, timed once per machine
+(:mod:`kvstash.model.choice`); the two agree to fp32 rounding.
 
 oneDNN runs faster still from a copy of the weight laid out in its own blocked format for a batch of
 :data:`PACK_ROWS` rows (``mkldnn._reorder_linear_weight``, what inductor's weight freezing does): on the same
-EPYC the 30 layers' fused projections take 55-61 ms for 8 rows against 83 ms reading the weight in place, and
-35-38 against 40 ms for one row; the LM head 11 against 17 ms for 8 rows. The copy is held next to the
+EPYC the 30 layers' fused projections take 64 ms for 8 rows against 95 ms reading the weight in place, and
+42.5 against 46 ms for one row; the LM head 13.3 against 18.8 ms for 8 rows. The copy is held next to the
 weight (the model's modules keep reading theirs), so it costs the weights' bytes once more;
 ``KVSTASH_PACK_WEIGHTS=0`` reads the weights in place instead (less memory, slower batches). Where a CPU cannot
 pack a dtype (bf16 without AVX512), the weight is read in place.
@@ -40,7 +41,7 @@ def onednn_ready(weight: torch.Tensor) -> bool:
 class OneDNNLinear:
     """``x @ weight.T`` through oneDNN's linear: from a packed copy of ``weight`` [out, in] (see the module's
     docstring), or reading it in place when :func:`packing` is off or this CPU cannot pack its dtype.
-    ``packed_bytes``: what the packed copy adds (0 when read in place)."""
+    ``packed_bytes``: what the packed copy adds, counted as the weight's bytes (0 when read in place)."""
 
     def __init__(self, weight: torch.Tensor):
         weight = weight.detach()

@@ -7,9 +7,9 @@ weight (the shape of vLLM's QKV and merged gate-up layers), all run by oneDNN's 
 each wider. The fused weights are built once and the modules' weights become views into them, so the plain
 weights are held once and the modules still compute the same; oneDNN's packed copies are held next to them
 (the layers' bytes once more, ~420 MB for SmolLM2 in fp32; ``KVSTASH_PACK_WEIGHTS=0`` goes without). On an AVX2
-AMD EPYC (2 threads) SmolLM2's 30 layers take 35-38 ms fused and packed against 51 ms through the modules for
-one row, and 55-61 against 100 ms for 8 rows; :func:`projections` keeps the faster, timed once per machine
-(:mod:`kvstash.model.choice`). If the modules win, the fused weights are dropped.
+AMD EPYC (2 threads) SmolLM2's 30 layers take 42.5 ms fused and packed against 50 ms through MKL for one
+row, and 64 against 184 ms for 8 rows (``benchmarks/linear_kernels.py``); :func:`projections` keeps the
+faster, timed once per machine (:mod:`kvstash.model.choice`). If the modules win, the fused weights are dropped.
 """
 
 from __future__ import annotations

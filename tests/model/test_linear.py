@@ -228,3 +228,15 @@ def test_the_runner_says_what_its_linear_layers_run_on(monkeypatch, forced, pack
     assert kernels["projections"] == "onednn fused" + suffix and kernels["head"] == "onednn" + suffix
     # packed: every layer's 7 weights (2 x 30720 floats) and the head's (100 x 64), once more
     assert kernels["packed_mb"] == (round((2 * 30720 + 6400) * 4 / 2**20, 1) if can_pack else 0.0)
+
+
+def test_a_head_left_to_the_module_builds_no_onednn_copy(monkeypatch):
+    """Forced (or remembered) to the module, the head never packs a copy of its weight (113 MB for SmolLM2)."""
+    monkeypatch.setenv("KVSTASH_KERNELS", "torch")
+
+    def refuse(weight):
+        raise AssertionError("the oneDNN head was built though the module runs the head")
+
+    monkeypatch.setattr("kvstash.model.head.onednn_linear", refuse)
+    linear = torch.nn.Linear(64, 100, bias=False)
+    assert lm_head(linear) is linear
