@@ -24,14 +24,19 @@ from kvstash.model.dtype import resolve_dtype
 from kvstash.model.runner import Rows
 
 
-def _ms(fn, repeat: int) -> float:
-    fn()  # warm-up
+def _median_s(fn, repeat: int) -> float:
+    """Seconds per call of ``fn``: the median of ``repeat`` timed calls after one warm-up."""
+    fn()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return round(statistics.median(times) * 1e3, 1)
+    return statistics.median(times)
+
+
+def _ms(fn, repeat: int) -> float:
+    return round(_median_s(fn, repeat) * 1e3, 1)
 
 
 def _step(runner, caches):

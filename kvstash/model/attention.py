@@ -8,6 +8,7 @@ allocation, blend's question focus, query replay).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -79,3 +80,29 @@ def votes_per_kv_head(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Attention summed over the queries, averaged over each KV head's query heads: [H, Tq, n] -> [KVH, n]."""
     h, _, n = probs.shape
     return probs.sum(dim=1).view(kv_heads, h // kv_heads, n).mean(dim=1)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention through PyTorch's fused kernel, with grouped-query heads. q: [H, Tq, D]; k, v:
+    [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n], boolean (True = attend) or additive float -> [Tq, H*D].
+
+    In a reduced dtype (bf16, fp16) the queries run as one block of ``H / KVH * Tq`` rows per KV head rather
+    than ``H`` heads of ``Tq`` rows sharing KV heads: the same sums, but PyTorch's CPU kernel spends 4.7-6.8x
+    longer on a bf16 single query (a decoding step) over 300-3000 keys in the shared layout, and up to 1.3x on
+    a few (a speculative verify); float32 runs both layouts alike and keeps the shared one
+    (``benchmarks/attention_kernels.py``).
+    """
+    heads, tq, d = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)  # some SDPA kernels want a float mask in the query's dtype
+    if group > 1 and q.dtype != torch.float32:
+        if mask is not None and tq > 1:  # rows of a KV head: its query heads' rows one after another
+            mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, group, 1)
+        out = F.scaled_dot_product_attention(q.reshape(kv_heads, group * tq, d)[None], k[None], v[None], attn_mask=mask)
+        return out[0].view(heads, tq, d).transpose(0, 1).reshape(tq, heads * d)
+    if mask is not None and mask.dim() == 3:  # per-head positions after eviction
+        mask = mask.repeat_interleave(group, dim=0)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(tq, heads * d)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from kvstash.cache.kv import KVCache
-from kvstash.model.attention import attention_mask, visible_keys
+from kvstash.model.attention import attention_mask, sdpa, visible_keys
 from kvstash.model.head import Head, lm_head
 from kvstash.model.linear import OneDNNLinear
 from kvstash.model.projections import FusedProjections, Projections, projections
@@ -172,14 +171,9 @@ class Runner:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention. q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n], boolean (True =
-        attend) or additive float (:func:`biased_mask`) -> [Tq, H*D]."""
-        if mask is not None and mask.dim() == 3:  # per-head positions after eviction
-            mask = mask.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
-        if mask is not None and mask.is_floating_point():
-            mask = mask.to(q.dtype)  # some SDPA kernels want a float mask in the query's dtype
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+        """Softmax attention (:func:`sdpa`). q: [H, Tq, D]; k, v: [KVH, n, D]; mask: [Tq, n] or [KVH, Tq, n],
+        boolean (True = attend) or additive float (:func:`biased_mask`) -> [Tq, H*D]."""
+        return sdpa(q, k, v, mask)
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual. h, result: [T, hidden]."""
