@@ -40,15 +40,26 @@ from kvstash.sampling import SamplingParams
 
 
 def parse_method(spec: str, chunk: int):
-    """``blend:0.1/probe_layers=8/auto=0.2`` -> a reuse method (fields are BlendConfig's; numbers or None)."""
+    """``blend:0.1/probe_layers=8/focus=recent`` -> a reuse method (fields are BlendConfig's; numbers, words or
+    None)."""
     name, *fields = spec.split("/")
     opts = {}
     for f in fields:
         key, _, value = f.partition("=")
         if not value:
             raise SystemExit(f"method {spec!r}: write options as /field=value, e.g. blend:0.1/probe_layers=8")
-        opts[key] = None if value == "None" else (int(value) if value.lstrip("-").isdigit() else float(value))
+        opts[key] = None if value == "None" else _number(value)
     return make_method(name, chunk, **opts)
+
+
+def _number(value: str):
+    """An option's value: an int, a float, or the word itself (``focus=recent``)."""
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def greedy(engine: Engine, pre, max_tokens: int) -> list[int]:

@@ -111,6 +111,13 @@ def _add_reuse_args(p: argparse.ArgumentParser) -> None:
         help="blend: layers the question's naive probe runs through to find what it attends to (default: all)",
     )
     p.add_argument(
+        "--focus",
+        choices=("probe", "recent"),
+        help="blend: where the question-focused share of the budget goes: probe = the reused tokens the question "
+        "attends to most in a naive probe pass (default); recent = the reused tokens nearest the question, no "
+        "probe pass",
+    )
+    p.add_argument(
         "--gate",
         type=float,
         help="blend: recompute a whole chunk when its relative KV deviation at the check layer exceeds this "

@@ -53,7 +53,8 @@ def answer(engine, question: str, docs: list[str], args) -> int:
     segs = ([Segment(args.system, "system")] if args.system else []) + [Segment(d) for d in docs]
     segs.append(Segment(question, "user"))
     blend_opts = {
-        k: getattr(args, k) for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers")
+        k: getattr(args, k)
+        for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers", "focus")
     }
     gen = engine.stream(
         segs,

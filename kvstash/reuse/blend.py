@@ -21,6 +21,7 @@ from kvstash.reuse.selection import deviation, gate, top_share
 DEFAULT_RATIO = 0.15
 AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative value deviation at the check layer
 AUTO_MAX = 0.3  # blend:auto's ratio cap (the ``ratio`` field when ``auto`` is set)
+FOCUS = ("probe", "recent")  # BlendConfig.focus: what the question-focused share of the budget follows
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class BlendConfig:
     # 0 turns it off). Only when something is recomputed: at r = 0 blend is naive reuse exactly
     gate: float | None = None  # recompute a whole chunk when its mean relative deviation exceeds this
     probe_layers: int | None = None  # layers the question's naive probe runs through (None: all of them)
+    # where the question-focused share of the budget goes: "probe", the reused tokens the question attends to
+    # most in a naive probe pass; "recent", the reused tokens nearest the question (no probe pass)
+    focus: str = "probe"
     # blend:auto: the ratio per prompt is the share of reused tokens whose relative value deviation at the
     # check layer exceeds ``auto``, kept within [auto_min, ratio]; None: the fixed ``ratio``
     auto: float | None = None
@@ -57,6 +61,8 @@ class BlendConfig:
                 f"blend:auto needs a positive deviation threshold and 0 <= auto_min <= ratio (the cap); got "
                 f"auto={self.auto}, auto_min={self.auto_min}, ratio={self.ratio}"
             )
+        if self.focus not in FOCUS:
+            raise ValueError(f"focus must be one of {', '.join(FOCUS)}, got {self.focus!r}")
         if self.probe_layers is not None and self.probe_layers < 1:
             raise ValueError(f"probe_layers must be >= 1 (or None for every layer), got {self.probe_layers}")
 
@@ -93,7 +99,10 @@ class BlendReuse(PartialPrefill):
 
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-            layout.focus = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
+            if self.cfg.focus == "recent":
+                layout.focus = recency_focus(layout.reused)
+            else:
+                layout.focus = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
         return (yield from super().pass_steps(runner, cache, layout, observe))
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
@@ -142,6 +151,12 @@ class CacheBlendReuse(BlendReuse):
 
     def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
         super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0), prefill_chunk)
+
+
+def recency_focus(reused: torch.Tensor) -> torch.Tensor:
+    """``focus="recent"``: each reused token's focus is its place in the prompt, so the focused share of the
+    budget goes to the reused tokens nearest the question. reused: [R] bool -> [R] float (0 for computed ones)."""
+    return torch.arange(1, len(reused) + 1, dtype=torch.float32).masked_fill(~reused, 0.0)
 
 
 def question_focus(runner: Runner, cache: KVCache, layout: Layout, layers: int | None = None) -> Steps[torch.Tensor]:

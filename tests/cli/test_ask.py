@@ -38,6 +38,7 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
         ["--reuse", "blend", "--query-share", "1.0"],
         ["--reuse", "blend", "--stale-bias", "0"],
         ["--reuse", "blend", "--probe-layers", "4"],
+        ["--reuse", "blend", "--focus", "recent"],
         ["--reuse", "blend:auto"],
     ],
 )

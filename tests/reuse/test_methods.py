@@ -9,7 +9,15 @@ import torch
 
 from kvstash.prompt import Segment
 from kvstash.reuse import make_method
-from kvstash.reuse.blend import AUTO_DEVIATION, AUTO_MAX, BlendConfig, BlendReuse, CacheBlendReuse, question_focus
+from kvstash.reuse.blend import (
+    AUTO_DEVIATION,
+    AUTO_MAX,
+    BlendConfig,
+    BlendReuse,
+    CacheBlendReuse,
+    question_focus,
+    recency_focus,
+)
 from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.layout import lay_out
 from kvstash.reuse.partial import NaiveReuse
@@ -276,6 +284,34 @@ def test_a_probe_through_fewer_layers_stops_there_and_keeps_the_budget(engine, s
     )
     with pytest.raises(ValueError, match="probe_layers must be >= 1"):
         BlendConfig(probe_layers=0)
+
+
+def test_recent_focus_recomputes_the_tokens_nearest_the_question_without_a_probe(engine, source):
+    """focus="recent": the focused share of the budget goes to the last reused tokens before the question, and no
+    probe pass runs (one pass fewer through the layers); the budget is the same as the probe's."""
+    assert recency_focus(torch.tensor([False, True, True, False, True])).tolist() == [0.0, 2.0, 3.0, 0.0, 5.0]
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    runner = engine.runner
+    passes: list[int] = []
+    real = runner.run
+    runner.run = lambda batch: passes.append(len(batch)) or real(batch)
+    try:
+        recent = BlendReuse(BlendConfig(ratio=0.2, query_share=1.0, focus="recent")).prefill(runner, plan, source)
+        n_recent = len(passes)
+        probe = BlendReuse(BlendConfig(ratio=0.2, query_share=1.0)).prefill(runner, plan, source)
+    finally:
+        del runner.run
+    assert len(passes) - n_recent == n_recent + 1  # the probe's pass is the only extra one
+    docs = [i for i, s in enumerate(plan.segments) if s.kind == "document"]
+    reused = sum(len(plan.segments[i].token_ids) for i in docs)
+    budget = round(0.2 * reused)
+    assert recent.report.recomputed_tokens == probe.report.recomputed_tokens
+    last = plan.segments[docs[-1]]
+    assert recent.report.recomputed_offsets(docs[-1]) == list(range(len(last.token_ids)))[-budget:]  # its tail
+    assert all(recent.report.segments[i].recomputed == 0 for i in docs[:-1])
+    with pytest.raises(ValueError, match="focus must be one of probe, recent"):
+        BlendConfig(focus="nearest")
 
 
 def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine, source):
