@@ -44,7 +44,7 @@ def _masks(tq: int, n: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tq", [1, 3, 70])
 @pytest.mark.parametrize("kind", ["none", "bool", "float", "per-head"])
 def test_sdpa_equals_the_attention_math_in_either_layout(dtype, tq, kind) -> None:
