@@ -5,7 +5,7 @@
 SmolLM2-135M's heads (9 query heads sharing 3 KV heads, head dim 64). *shared* is one call of ``H`` heads of
 ``Tq`` rows with ``enable_gqa`` (each query head reads its KV head); *grouped* is one call of ``KVH`` heads of
 ``H / KVH * Tq`` rows (a KV head's query heads side by side, the mask repeated per query head), what
-:func:`kvstash.model.attention.sdpa` runs for a few queries or a reduced dtype. Both with a causal boolean
+:func:`kvstash.model.attention.sdpa` runs in a reduced dtype (bf16, fp16). Both with a causal boolean
 mask (``Tq`` > 1) or none (one query), as the layer loop calls them. Medians of ``--repeat`` runs,
 microseconds; ``shared / grouped`` is how much faster grouping is.
 """

@@ -1,8 +1,9 @@
-"""Attention math as pure functions: the one mask builder, softmax weights, value reads and votes.
+"""Attention math as pure functions: the one mask builder, the fused kernel's call, softmax weights, value reads
+and votes.
 
-The layer loop (:mod:`kvstash.model.runner`) attends with PyTorch's fused kernel; the functions here spell the
-same attention out in float32 for the callers that need the weights themselves (eviction votes, bit
-allocation, blend's question focus, query replay).
+The layer loop (:mod:`kvstash.model.runner`) attends through :func:`sdpa` (PyTorch's fused kernel); the other
+functions spell the same attention out in float32 for the callers that need the weights themselves (eviction
+votes, bit allocation, blend's question focus, query replay).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def _masks(tq: int, n: int) -> dict:
 @pytest.mark.parametrize("tq", [1, 3, 70])
 @pytest.mark.parametrize("kind", ["none", "bool", "float", "per-head"])
 def test_sdpa_equals_the_attention_math_in_either_layout(dtype, tq, kind) -> None:
-    # float32 runs the shared-KV call, bf16 rows grouped per KV head: each must read what query head h of KV head
-    # h // 3 should, for one query, a few and many, under every kind of mask
+    # float32 runs the shared-KV call, bf16 and fp16 rows grouped per KV head: each must read what query head h of
+    # KV head h // 3 should, for one query, a few and many, under every kind of mask
     torch.manual_seed(0)
     n = 80
     q, k, v = torch.randn(9, tq, 16), torch.randn(3, n, 16), torch.randn(3, n, 16)
