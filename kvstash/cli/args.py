@@ -118,6 +118,13 @@ def _add_reuse_args(p: argparse.ArgumentParser) -> None:
         "probe pass",
     )
     p.add_argument(
+        "--budget",
+        choices=("tokens", "work"),
+        help="blend: what --ratio is a share of: tokens = the reused tokens (default); work = their cost through "
+        "the recomputed layers, attention over the keys before them included, so tokens late in a long prompt "
+        "use more of it",
+    )
+    p.add_argument(
         "--gate",
         type=float,
         help="blend: recompute a whole chunk when its relative KV deviation at the check layer exceeds this "

@@ -54,7 +54,7 @@ def answer(engine, question: str, docs: list[str], args) -> int:
     segs.append(Segment(question, "user"))
     blend_opts = {
         k: getattr(args, k)
-        for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers", "focus")
+        for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers", "focus", "budget")
     }
     gen = engine.stream(
         segs,

@@ -16,12 +16,13 @@ from kvstash.model.attention import attention_probs
 from kvstash.model.runner import LayerHook, Rows, Runner, Selection, Steps
 from kvstash.reuse.layout import Layout
 from kvstash.reuse.partial import PartialPrefill
-from kvstash.reuse.selection import deviation, gate, top_share
+from kvstash.reuse.selection import deviation, gate, within, work_cost
 
 DEFAULT_RATIO = 0.15
 AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative value deviation at the check layer
 AUTO_MAX = 0.3  # blend:auto's ratio cap (the ``ratio`` field when ``auto`` is set)
 FOCUS = ("probe", "recent")  # BlendConfig.focus: what the question-focused share of the budget follows
+BUDGETS = ("tokens", "work")  # BlendConfig.budget: what the ratio is a share of
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class BlendConfig:
     # where the question-focused share of the budget goes: "probe", the reused tokens the question attends to
     # most in a naive probe pass; "recent", the reused tokens nearest the question (no probe pass)
     focus: str = "probe"
+    # what ``ratio`` is a share of: "tokens", the reused tokens (each counts 1); "work", their cost through the
+    # partial layers (linear layers plus attention over the keys before them, :func:`work_cost`), so a token
+    # late in the prompt uses more of the budget than an early one
+    budget: str = "tokens"
     # blend:auto: the ratio per prompt is the share of reused tokens whose relative value deviation at the
     # check layer exceeds ``auto``, kept within [auto_min, ratio]; None: the fixed ``ratio``
     auto: float | None = None
@@ -61,6 +66,8 @@ class BlendConfig:
                 f"blend:auto needs a positive deviation threshold and 0 <= auto_min <= ratio (the cap); got "
                 f"auto={self.auto}, auto_min={self.auto_min}, ratio={self.ratio}"
             )
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.focus not in FOCUS:
             raise ValueError(f"focus must be one of {', '.join(FOCUS)}, got {self.focus!r}")
         if self.probe_layers is not None and self.probe_layers < 1:
@@ -98,6 +105,8 @@ class BlendReuse(PartialPrefill):
         return self.cfg.ratio
 
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
+        if self.cfg.budget == "work":
+            layout.cost = work_cost(layout.start, len(layout.ids), runner.keys_per_row)
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
             if self.cfg.focus == "recent":
                 layout.focus = recency_focus(layout.reused)
@@ -121,12 +130,18 @@ class BlendReuse(PartialPrefill):
             layout.ratio = self.share_at(0) if cfg.auto is None else auto_ratio(rel, total, cfg)
         forced = layout.forced[idx]
         share = layout.ratio if step == 0 else self.share_at(step)
-        budget = round(share * total) - int(forced.sum())
+        cost = None if layout.cost is None else layout.cost[idx]
+        if cost is None:
+            budget = round(share * total) - int(forced.sum())
+        else:
+            budget = share * float(layout.cost[layout.reused].sum()) - float(cost[forced].sum())
         if layout.focus is not None:  # part of the budget goes to the tokens the question reads most
-            n_focus = round(cfg.query_share * budget)
-            forced = forced | top_share(layout.focus[idx].masked_fill(forced, float("-inf")), n_focus)
-            budget -= n_focus
-        pick = forced | top_share(dev.masked_fill(forced, float("-inf")), budget)
+            focused = cfg.query_share * budget
+            focused = round(focused) if cost is None else focused
+            took = within(layout.focus[idx].masked_fill(forced, float("-inf")), focused, cost)
+            forced = forced | took
+            budget -= focused if cost is None else float(cost[took].sum())  # work: what the focus left goes on
+        pick = forced | within(dev.masked_fill(forced, float("-inf")), budget, cost)
         chosen = torch.zeros_like(layout.reused)
         chosen[idx[pick]] = True
         if cfg.stale_bias and layer == self.last_check and bool(chosen.any()):  # tokens keeping their chunk KV

@@ -37,3 +37,22 @@ def gate(rel: torch.Tensor, segment: torch.Tensor, threshold: float) -> tuple[to
             chosen |= m
             fired += 1
     return chosen, fired
+
+
+def within(score: torch.Tensor, budget: float, cost: torch.Tensor | None) -> torch.Tensor:
+    """The highest ``score`` [T] tokens that fit in ``budget``: its count when ``cost`` is None, else the tokens
+    taken in score order while their summed ``cost`` [T] stays within it (-inf scores are never taken)."""
+    if cost is None:
+        return top_share(score, int(budget))
+    order = score.argsort(descending=True)
+    fits = (cost[order].cumsum(0) <= budget + 1e-3) & (score[order] > float("-inf"))  # 1e-3: float sums
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    chosen[order[fits]] = True
+    return chosen
+
+
+def work_cost(start: int, n: int, keys_per_row: float) -> torch.Tensor:
+    """``budget="work"``: what each of the ``n`` tokens at positions ``start ...`` costs through one partial
+    layer, in rows that read no keys: its linear layers (1) plus its causal attention, ``(position + 1) /
+    keys_per_row`` (:meth:`kvstash.model.runner.Runner.row_cost`, per row). [n] float."""
+    return 1.0 + (torch.arange(start, start + n, dtype=torch.float32) + 1.0) / keys_per_row

@@ -39,6 +39,7 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
         ["--reuse", "blend", "--stale-bias", "0"],
         ["--reuse", "blend", "--probe-layers", "4"],
         ["--reuse", "blend", "--focus", "recent"],
+        ["--reuse", "blend", "--budget", "work"],
         ["--reuse", "blend:auto"],
     ],
 )

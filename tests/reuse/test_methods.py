@@ -314,6 +314,41 @@ def test_recent_focus_recomputes_the_tokens_nearest_the_question_without_a_probe
         BlendConfig(focus="nearest")
 
 
+def test_a_work_budget_spends_the_ratio_of_the_reused_tokens_work_and_takes_fewer_late_tokens(
+    engine, source, monkeypatch
+):
+    """budget="work": the chosen tokens' cost (linear layers plus attention over the keys before them) fits the
+    ratio of every reused token's cost; with the budget on the last passage's tail, fewer of its (costly)
+    tokens are recomputed than by count (what the focus leaves over goes by deviation). Attention is made costly (a key
+    costs 1/8 of a row) so that positions in a short prompt matter."""
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    runner = engine.runner
+    monkeypatch.setattr(runner, "keys_per_row", 8.0)
+    cfg = BlendConfig(ratio=0.3, query_share=1.0, focus="recent")
+    by_count = BlendReuse(cfg).prefill(runner, plan, source)
+    by_work = BlendReuse(replace(cfg, budget="work")).prefill(runner, plan, source)
+    docs = [i for i, s in enumerate(plan.segments) if s.kind == "document"]
+    cost = torch.cat([1.0 + (torch.arange(plan.segments[i].start, plan.segments[i].end) + 1.0) / 8 for i in docs])
+    chosen = torch.cat(
+        [plan.segments[i].start + torch.tensor(by_work.report.recomputed_offsets(i), dtype=torch.long) for i in docs]
+    )
+    spent = float((1.0 + (chosen + 1.0) / 8).sum())
+    assert spent <= 0.3 * float(cost.sum()) < spent + float(cost.max())  # the budget, filled to within a token
+    last = plan.segments[docs[-1]]
+    by_count_tail = by_count.report.recomputed_offsets(docs[-1])
+    assert by_count_tail == list(range(len(last.token_ids)))[-len(by_count_tail) :]
+    tail = [o for o in by_work.report.recomputed_offsets(docs[-1]) if o >= len(last.token_ids) - len(by_count_tail)]
+    assert tail == by_count_tail[-len(tail) :] and 0 < len(tail) < len(by_count_tail)  # the same tail, shorter
+    everything = BlendReuse(BlendConfig(ratio=1.0, budget="work")).prefill(runner, plan, source)
+    assert (
+        everything.report.recomputed_tokens
+        == BlendReuse(BlendConfig(ratio=1.0)).prefill(runner, plan, source).report.recomputed_tokens
+    )
+    with pytest.raises(ValueError, match="budget must be one of tokens, work"):
+        BlendConfig(budget="flops")
+
+
 def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine, source):
     plan = _plan(engine, (2, 0, 1))
     NaiveReuse().prefill(engine.runner, _plan(engine), source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstash.reuse.selection import deviation, gate, top_share
+from kvstash.reuse.selection import deviation, gate, top_share, within, work_cost
 
 
 def test_selection_functions_on_constructed_cases():
@@ -20,3 +20,14 @@ def test_selection_functions_on_constructed_cases():
     assert not top_share(torch.tensor([0.1, 0.9]), 0).any()
     chosen, fired = gate(torch.tensor([0.1, 0.1, 0.9, 0.8]), torch.tensor([0, 0, 1, 1]), 0.5)
     assert fired == 1 and chosen.tolist() == [False, False, True, True]
+
+
+def test_within_a_work_budget_takes_tokens_in_score_order_while_their_cost_fits():
+    score = torch.tensor([0.9, 0.1, 0.8, float("-inf"), 0.5])
+    cost = torch.tensor([2.0, 1.0, 3.0, 0.1, 1.0])
+    assert within(score, 5.0, cost).tolist() == [True, False, True, False, False]  # 2 + 3; 0.5's 1 more is over
+    assert within(score, 6.0, cost).tolist() == [True, False, True, False, True]
+    assert within(score, 1.9, cost).tolist() == [False] * 5  # the best one does not fit: nothing after it either
+    assert within(score, 100.0, cost).tolist() == [True, True, True, False, True]  # never a -inf score
+    assert within(score, 2, None).tolist() == top_share(score, 2).tolist() == [True, False, True, False, False]
+    assert work_cost(10, 3, 4.0).tolist() == [1.0 + 11 / 4, 1.0 + 12 / 4, 1.0 + 13 / 4]
