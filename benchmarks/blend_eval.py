@@ -77,14 +77,17 @@ def timed(fn, repeat: int):
     return statistics.median(times), out
 
 
-def run(args) -> dict:
+def run(args, per_prompt: dict | None = None) -> dict:
+    """Every method on every prompt; ``per_prompt`` adds methods built for each prompt, name ->
+    ``fn(engine, example, plan)`` (a study's oracle that knows where the needle is)."""
     engine = Engine(dtype=args.dtype, threads=args.threads)
     source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
     opts = {"haystack": args.haystack} if args.haystack else {}
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
     chunk = engine.config.prefill_chunk
     methods = {spec: parse_method(spec, chunk) for spec in args.methods}
-    rows: dict[str, list[dict]] = {"full": [], **{m: [] for m in methods}}
+    per_prompt = per_prompt or {}
+    rows: dict[str, list[dict]] = {"full": [], **{m: [] for m in [*methods, *per_prompt]}}
     for ex in tqdm(examples, desc=f"{args.dataset} seed {args.seed}"):
         plan = engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
         full_s, ref = timed(lambda p=plan: FullPrefill(chunk).prefill(engine.runner, p), args.repeat)
@@ -95,7 +98,8 @@ def run(args) -> dict:
         base = dict(id=ex.id, tokens=len(plan), full_s=full_s)
         rows["full"].append(dict(base, ttft=full_s, text=ref_text, found=found, agree=True, kl=0.0, recomputed=1.0))
         NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
-        for spec, method in methods.items():
+        built = {name: fn(engine, ex, plan) for name, fn in per_prompt.items()}
+        for spec, method in {**methods, **built}.items():
             ttft, pre = timed(lambda m=method, p=plan: m.prefill(engine.runner, p, source), args.repeat)
             ids = greedy(engine, pre, args.max_tokens)
             text = engine.tokenizer.decode(ids, skip_special_tokens=True)
@@ -154,8 +158,8 @@ def write(args, rows: dict[str, list[dict]], partial: bool = False) -> dict:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="needle-code")
     ap.add_argument("--haystack", help="needle datasets: musique (default), wikimqa or squad passages")
     ap.add_argument("--n", type=int, default=50)
@@ -170,8 +174,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--out", type=Path, default=Path("out/blend-eval"))
-    args = ap.parse_args()
-    result = run(args)
+    return ap
+
+
+def print_table(args, result: dict) -> None:
     print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
     print(
         "| method | needle found | vs full | agree w/ full | mean answer KL | recomputed | ratio (min-max) "
@@ -185,6 +191,11 @@ def main() -> None:
             f"{r['kl']:.3f} | {r['recomputed']:.1%} | {ratio} | {r['ttft_s']:.2f} | "
             f"{r['speedup_median']:.2f}x, {r['speedup_p10']:.2f}x |"
         )
+
+
+def main() -> None:
+    args = parser().parse_args()
+    print_table(args, run(args))
 
 
 if __name__ == "__main__":

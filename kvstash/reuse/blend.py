@@ -123,10 +123,8 @@ class BlendReuse(PartialPrefill):
         dev, rel = deviation(v[:, reused], cache.v[layer][:, slots])
         total = int(layout.reused.sum())
         fired = 0
-        if step == 0:  # tokens recomputed whatever their deviation: the chunks the gate sends to full recompute
-            layout.forced = torch.zeros_like(layout.reused)
-            if cfg.gate is not None:
-                layout.forced[idx], fired = gate(rel, layout.segment[idx], cfg.gate)
+        if step == 0:
+            layout.forced, fired = self.forced(layout, idx, rel)
             layout.ratio = self.share_at(0) if cfg.auto is None else auto_ratio(rel, total, cfg)
         forced = layout.forced[idx]
         share = layout.ratio if step == 0 else self.share_at(step)
@@ -148,6 +146,15 @@ class BlendReuse(PartialPrefill):
             stale = (layout.reused & ~chosen).nonzero().squeeze(1)
             cache.add_bias(layer, layout.start + stale, cfg.stale_bias)
         return ~reused | chosen[active], chosen, fired
+
+    def forced(self, layout: Layout, idx: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The reused tokens recomputed whatever their scores, [R] bool, inside the budget (the chunks the gate
+        sends to full recompute; a study may force others), and how many chunks the gate fired for. idx: [A]
+        rest indices of the active reused tokens; rel: [A] their relative deviation at the check layer."""
+        forced, fired = torch.zeros_like(layout.reused), 0
+        if self.cfg.gate is not None:
+            forced[idx], fired = gate(rel, layout.segment[idx], self.cfg.gate)
+        return forced, fired
 
 
 def auto_ratio(rel: torch.Tensor, total: int, cfg: BlendConfig) -> float:
