@@ -349,6 +349,29 @@ def test_a_work_budget_spends_the_ratio_of_the_reused_tokens_work_and_takes_fewe
         BlendConfig(budget="flops")
 
 
+def test_tokens_a_subclass_forces_are_recomputed_inside_the_budget(engine, source):
+    """``BlendReuse.forced`` (the oracle study's hook): forced tokens are recomputed whatever their scores, and
+    the budget stays the ratio's count."""
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    first = next(i for i, s in enumerate(plan.segments) if s.kind == "document")
+    seg = plan.segments[first]
+    must = torch.arange(seg.start + 2, seg.start + 5)  # three early tokens of the first passage
+
+    class Forcing(BlendReuse):
+        def forced(self, layout, idx, rel):
+            forced, fired = super().forced(layout, idx, rel)
+            forced[must - layout.start] = True
+            return forced, fired
+
+    cfg = BlendConfig(ratio=0.2, query_share=1.0, focus="recent")
+    plain = BlendReuse(cfg).prefill(engine.runner, plan, source)
+    forcing = Forcing(cfg).prefill(engine.runner, plan, source)
+    assert 2 not in plain.report.recomputed_offsets(first)  # recency alone never picks the first passage
+    assert {2, 3, 4} <= set(forcing.report.recomputed_offsets(first))
+    assert forcing.report.recomputed_tokens == plain.report.recomputed_tokens
+
+
 def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine, source):
     plan = _plan(engine, (2, 0, 1))
     NaiveReuse().prefill(engine.runner, _plan(engine), source)
