@@ -153,6 +153,11 @@ class Runner:
         n = len(rows.positions)
         return n + (float(rows.positions.sum()) + n) / self.keys_per_row if n else 0.0
 
+    def position_costs(self, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`row_cost` per row: what a row at each of ``positions`` [T] costs through one layer. [T] float
+        (blend's ``budget="work"``)."""
+        return 1.0 + (positions.to(torch.float32) + 1.0) / self.keys_per_row
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, self.dtype, capacity)
 

@@ -16,7 +16,7 @@ from kvstash.model.attention import attention_probs
 from kvstash.model.runner import LayerHook, Rows, Runner, Selection, Steps
 from kvstash.reuse.layout import Layout
 from kvstash.reuse.partial import PartialPrefill
-from kvstash.reuse.selection import deviation, gate, within, work_cost
+from kvstash.reuse.selection import deviation, gate, within
 
 DEFAULT_RATIO = 0.15
 AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative value deviation at the check layer
@@ -42,7 +42,7 @@ class BlendConfig:
     # most in a naive probe pass; "recent", the reused tokens nearest the question (no probe pass)
     focus: str = "probe"
     # what ``ratio`` is a share of: "tokens", the reused tokens (each counts 1); "work", their cost through the
-    # partial layers (linear layers plus attention over the keys before them, :func:`work_cost`), so a token
+    # partial layers (linear layers plus attention over the keys before them, :meth:`Runner.position_costs`), so a token
     # late in the prompt uses more of the budget than an early one
     budget: str = "tokens"
     # blend:auto: the ratio per prompt is the share of reused tokens whose relative value deviation at the
@@ -106,7 +106,7 @@ class BlendReuse(PartialPrefill):
 
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
         if self.cfg.budget == "work":
-            layout.cost = work_cost(layout.start, len(layout.ids), runner.keys_per_row)
+            layout.cost = runner.position_costs(torch.arange(layout.start, layout.start + len(layout.ids)))
         if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
             if self.cfg.focus == "recent":
                 layout.focus = recency_focus(layout.reused)

@@ -49,10 +49,3 @@ def within(score: torch.Tensor, budget: float, cost: torch.Tensor | None) -> tor
     chosen = torch.zeros_like(score, dtype=torch.bool)
     chosen[order[fits]] = True
     return chosen
-
-
-def work_cost(start: int, n: int, keys_per_row: float) -> torch.Tensor:
-    """``budget="work"``: what each of the ``n`` tokens at positions ``start ...`` costs through one partial
-    layer, in rows that read no keys: its linear layers (1) plus its causal attention, ``(position + 1) /
-    keys_per_row`` (:meth:`kvstash.model.runner.Runner.row_cost`, per row). [n] float."""
-    return 1.0 + (torch.arange(start, start + n, dtype=torch.float32) + 1.0) / keys_per_row

@@ -187,3 +187,8 @@ def test_a_rows_cost_counts_its_attention_by_the_keys_it_reads(engine):
     assert r.row_cost(Rows(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), cache)) == 3 + 6 / 3072
     assert r.row_cost(Rows(torch.tensor([1]), torch.tensor([5119]), cache)) == 1 + 5120 / 3072
     assert r.row_cost(Rows(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), cache)) == 0
+    costs = r.position_costs(torch.tensor([10, 11, 12]))  # per row, as blend's budget="work" counts them
+    assert torch.allclose(costs, torch.tensor([1.0 + 11 / 3072, 1.0 + 12 / 3072, 1.0 + 13 / 3072]))
+    assert float(costs.sum()) == pytest.approx(
+        r.row_cost(Rows(torch.tensor([1, 2, 3]), torch.tensor([10, 11, 12]), cache))
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstash.reuse.selection import deviation, gate, top_share, within, work_cost
+from kvstash.reuse.selection import deviation, gate, top_share, within
 
 
 def test_selection_functions_on_constructed_cases():
@@ -30,4 +30,3 @@ def test_within_a_work_budget_takes_tokens_in_score_order_while_their_cost_fits(
     assert within(score, 1.9, cost).tolist() == [False] * 5  # the best one does not fit: nothing after it either
     assert within(score, 100.0, cost).tolist() == [True, True, True, False, True]  # never a -inf score
     assert within(score, 2, None).tolist() == top_share(score, 2).tolist() == [True, False, True, False, False]
-    assert work_cost(10, 3, 4.0).tolist() == [1.0 + 11 / 4, 1.0 + 12 / 4, 1.0 + 13 / 4]
