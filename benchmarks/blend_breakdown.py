@@ -52,7 +52,7 @@ def timed(cls):
         def pass_steps(self, runner, cache, layout, observe=None):
             t0 = time.perf_counter()
             if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-                layout.focus = yield from question_focus(runner, cache, layout)
+                layout.focus, layout.peak = yield from question_focus(runner, cache, layout)
             t1 = time.perf_counter()
             self.clock.add("probe", t1 - t0)
             stamps: list[float] = []

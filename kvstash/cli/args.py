@@ -102,6 +102,10 @@ def _add_reuse_args(p: argparse.ArgumentParser) -> None:
         "blend:auto to let the deviation at the check layer pick the ratio per prompt (up to 0.3) "
         "(default: blend with --store, else full)",
     )
+    _add_blend_args(p)
+
+
+def _add_blend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, help="blend: share of reused tokens recomputed (default 0.15)")
     p.add_argument("--check-layer", type=int, help="blend: layer where deviations are measured (default 1)")
     p.add_argument(
@@ -116,6 +120,19 @@ def _add_reuse_args(p: argparse.ArgumentParser) -> None:
         help="blend: where the question-focused share of the budget goes: probe = the reused tokens the question "
         "attends to most in a naive probe pass (default); recent = the reused tokens nearest the question, no "
         "probe pass",
+    )
+    p.add_argument(
+        "--spans",
+        type=int,
+        metavar="N",
+        help="blend: also recompute the N windows of reused tokens (a sentence or so each, see --span-width) "
+        "around the question's strongest single reads in the probe, inside the ratio (default 0 = off)",
+    )
+    p.add_argument(
+        "--span-width",
+        type=int,
+        metavar="W",
+        help="blend: a --spans window is the W tokens either side of its centre (default 8)",
     )
     p.add_argument(
         "--budget",

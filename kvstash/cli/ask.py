@@ -54,7 +54,18 @@ def answer(engine, question: str, docs: list[str], args) -> int:
     segs.append(Segment(question, "user"))
     blend_opts = {
         k: getattr(args, k)
-        for k in ("ratio", "check_layer", "gate", "query_share", "stale_bias", "probe_layers", "focus", "budget")
+        for k in (
+            "ratio",
+            "check_layer",
+            "gate",
+            "query_share",
+            "stale_bias",
+            "probe_layers",
+            "focus",
+            "budget",
+            "spans",
+            "span_width",
+        )
     }
     gen = engine.stream(
         segs,

@@ -16,7 +16,7 @@ from kvstash.model.attention import attention_probs
 from kvstash.model.runner import LayerHook, Rows, Runner, Selection, Steps
 from kvstash.reuse.layout import Layout
 from kvstash.reuse.partial import PartialPrefill
-from kvstash.reuse.selection import deviation, gate, within
+from kvstash.reuse.selection import deviation, gate, spans, within
 
 DEFAULT_RATIO = 0.15
 AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative value deviation at the check layer
@@ -49,6 +49,11 @@ class BlendConfig:
     # check layer exceeds ``auto``, kept within [auto_min, ratio]; None: the fixed ``ratio``
     auto: float | None = None
     auto_min: float = 0.03
+    # force ``spans`` windows of 2 * span_width + 1 reused tokens (a sentence or so) into the recompute, inside the
+    # budget: those around the probe's strongest single reads (a token's peak is the most attention any one
+    # layer, head and question row of the probe pays it); 0: none. Needs the probe (focus="probe")
+    spans: int = 0
+    span_width: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -70,6 +75,10 @@ class BlendConfig:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.focus not in FOCUS:
             raise ValueError(f"focus must be one of {', '.join(FOCUS)}, got {self.focus!r}")
+        if self.spans < 0 or self.span_width < 0:
+            raise ValueError(f"spans and span_width must be >= 0, got spans={self.spans}, span_width={self.span_width}")
+        if self.spans and self.focus != "probe":
+            raise ValueError(f"spans follow the probe's strongest reads: use focus='probe' (got {self.focus!r})")
         if self.probe_layers is not None and self.probe_layers < 1:
             raise ValueError(f"probe_layers must be >= 1 (or None for every layer), got {self.probe_layers}")
 
@@ -107,11 +116,11 @@ class BlendReuse(PartialPrefill):
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
         if self.cfg.budget == "work":
             layout.cost = runner.position_costs(torch.arange(layout.start, layout.start + len(layout.ids)))
-        if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
+        if (self.cfg.query_share > 0 or self.cfg.spans) and self.cfg.ratio > 0 and bool(layout.reused.any()):
             if self.cfg.focus == "recent":
                 layout.focus = recency_focus(layout.reused)
             else:
-                layout.focus = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
+                layout.focus, layout.peak = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
         return (yield from super().pass_steps(runner, cache, layout, observe))
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
@@ -154,6 +163,9 @@ class BlendReuse(PartialPrefill):
         forced, fired = torch.zeros_like(layout.reused), 0
         if self.cfg.gate is not None:
             forced[idx], fired = gate(rel, layout.segment[idx], self.cfg.gate)
+        if self.cfg.spans and layout.peak is not None:
+            score = layout.peak.masked_fill(~layout.reused, float("-inf"))
+            forced |= spans(score, layout.segment, self.cfg.spans, self.cfg.span_width)
         return forced, fired
 
 
@@ -181,29 +193,35 @@ def recency_focus(reused: torch.Tensor) -> torch.Tensor:
     return torch.arange(1, len(reused) + 1, dtype=torch.float32).masked_fill(~reused, 0.0)
 
 
-def question_focus(runner: Runner, cache: KVCache, layout: Layout, layers: int | None = None) -> Steps[torch.Tensor]:
+def question_focus(
+    runner: Runner, cache: KVCache, layout: Layout, layers: int | None = None
+) -> Steps[tuple[torch.Tensor, torch.Tensor]]:
     """How much the question attends to each reused token, from a naive probe: the computed tokens (the question
     and the template's glue) over the re-positioned chunk KV, through the first ``layers`` layers (None: all);
     the attention of the rows after the last reused token (the question and the answer's glue) summed over
-    heads, rows and layers. Returns [R] over the rest tokens (0 for computed ones).
+    heads, rows and layers (the focus), and its largest single weight over them (the peak). Returns (focus,
+    peak), each [R] over the rest tokens (0 for computed ones).
 
     Writes the computed tokens' naive K/V into ``cache``; blend overwrites them in every layer before use.
     A generator of one pass (see :data:`kvstash.model.runner.Steps`).
     """
     probe = FocusProbe(cache, layout, runner.num_layers if layers is None else min(layers, runner.num_layers))
     yield [probe.rows()]
-    return probe.focus[layout.start :].masked_fill(~layout.reused, 0.0)
+    rest = slice(layout.start, None)
+    return probe.focus[rest].masked_fill(~layout.reused, 0.0), probe.peak[rest].masked_fill(~layout.reused, 0.0)
 
 
 class FocusProbe(LayerHook):
     """The probe's layer hook: its rows leave the pass after ``layers`` layers; at each layer before that the
-    question rows' attention weights (scores in the cache's dtype, softmax in float32) add into ``focus`` [n]."""
+    question rows' attention weights (scores in the cache's dtype, softmax in float32) add into ``focus`` [n],
+    and ``peak`` [n] keeps the largest of them."""
 
     def __init__(self, cache: KVCache, layout: Layout, layers: int):
         self.cache, self.layout, self.layers = cache, layout, layers
         self.idx = (~layout.reused).nonzero().squeeze(1)  # [C] the rest tokens the probe computes, in order
         self.asks = self.idx > int(layout.reused.nonzero().max())  # [C] the question's rows among them
         self.focus = torch.zeros(cache.length)
+        self.peak = torch.zeros(cache.length)
 
     def rows(self) -> Rows:
         start, idx = self.layout.start, self.idx
@@ -217,4 +235,6 @@ class FocusProbe(LayerHook):
 
     def observe(self, layer: int, q, k_all, mask) -> None:
         m = None if mask is None else mask[self.asks]
-        self.focus.add_(attention_probs(q[:, self.asks], k_all, m, compute_dtype=k_all.dtype).sum(dim=(0, 1)))
+        probs = attention_probs(q[:, self.asks], k_all, m, compute_dtype=k_all.dtype)  # [H, Q, n]
+        self.focus.add_(probs.sum(dim=(0, 1)))
+        torch.maximum(self.peak, probs.amax(dim=(0, 1)), out=self.peak)

@@ -34,6 +34,7 @@ class Layout:
     segment: torch.Tensor  # [R] int64: index into plan.segments
     forced: torch.Tensor | None = None  # [R] bool: set by blend's first check (sinks, gated chunks)
     focus: torch.Tensor | None = None  # [R] float: attention the question pays each token (blend's probe)
+    peak: torch.Tensor | None = None  # [R] float: the largest single attention weight the probe pays each token
     cost: torch.Tensor | None = None  # [R] float: each token's recompute cost (blend's budget="work"); None: 1
     ratio: float | None = None  # share of the reused tokens blend recomputes (set at its first check)
     loader: LayerLoader | None = None  # stored chunks still arriving layer by layer (a layered store)

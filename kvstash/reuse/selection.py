@@ -49,3 +49,34 @@ def within(score: torch.Tensor, budget: float, cost: torch.Tensor | None) -> tor
     chosen = torch.zeros_like(score, dtype=torch.bool)
     chosen[order[fits]] = True
     return chosen
+
+
+def spans(score: torch.Tensor, segment: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """The ``count`` windows of up to ``2 * width + 1`` tokens of one segment with the most ``score`` [T] in total,
+    taken one at a time, a window never overlapping one already taken. A token scoring -inf is never taken
+    (nor a window centred on it); a window whose total is 0 ends the search. Segments are contiguous runs.
+
+    score, segment: [T] -> bool [T]."""
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    if count <= 0 or score.numel() == 0:
+        return chosen
+    taken = score == float("-inf")
+    finite = score.masked_fill(taken, 0.0).float()
+    total = torch.empty_like(finite)
+    for s in segment.unique():  # window totals within each segment
+        run = (segment == s).nonzero().squeeze(1)
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        sums = torch.nn.functional.pad(finite[lo:hi].cumsum(0), (1, 0))  # [n + 1]
+        at = torch.arange(hi - lo)
+        total[lo:hi] = sums[(at + width + 1).clamp(max=hi - lo)] - sums[(at - width).clamp(min=0)]
+    total = total.masked_fill(taken, float("-inf"))
+    for _ in range(count):
+        centre = int(total.argmax())
+        if not total[centre] > 0:
+            break
+        window = torch.arange(max(0, centre - width), min(len(score), centre + width + 1))
+        window = window[segment[window] == segment[centre]]
+        chosen[window[~taken[window]]] = True
+        reach = torch.arange(max(0, int(window[0]) - width), min(len(score), int(window[-1]) + width + 1))
+        total[reach] = float("-inf")  # a later window may not overlap this one
+    return chosen

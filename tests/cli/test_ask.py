@@ -40,6 +40,7 @@ def test_ask_text_prints_answer_then_timings(tmp_path, capsys):
         ["--reuse", "blend", "--probe-layers", "4"],
         ["--reuse", "blend", "--focus", "recent"],
         ["--reuse", "blend", "--budget", "work"],
+        ["--reuse", "blend", "--spans", "1", "--span-width", "2"],
         ["--reuse", "blend:auto"],
     ],
 )

@@ -270,12 +270,14 @@ def test_a_probe_through_fewer_layers_stops_there_and_keeps_the_budget(engine, s
     real = runner.qkv
     runner.qkv = lambda layer, *a: seen.append(layer) or real(layer, *a)
     try:
-        short = runner.drive(question_focus(runner, cache, layout, layers=3))
+        short, short_peak = runner.drive(question_focus(runner, cache, layout, layers=3))
     finally:
         del runner.qkv
     assert seen == [0, 1, 2, 3]
-    every = runner.drive(question_focus(runner, cache, layout))
+    every, every_peak = runner.drive(question_focus(runner, cache, layout))
     assert short.shape == every.shape and 0 < short.sum() < every.sum()
+    # the peak is the largest single weight summed into the focus, and more layers can only raise it
+    assert (short_peak <= short + 1e-6).all() and (short_peak <= every_peak).all() and every_peak.max() > 0
     assert not short[~layout.reused].any()  # computed tokens get no focus
     pre = BlendReuse(BlendConfig(ratio=0.2, probe_layers=3)).prefill(runner, plan, source)
     assert (
@@ -370,6 +372,34 @@ def test_tokens_a_subclass_forces_are_recomputed_inside_the_budget(engine, sourc
     assert 2 not in plain.report.recomputed_offsets(first)  # recency alone never picks the first passage
     assert {2, 3, 4} <= set(forcing.report.recomputed_offsets(first))
     assert forcing.report.recomputed_tokens == plain.report.recomputed_tokens
+
+
+def test_spans_recompute_the_window_around_the_questions_strongest_read(engine, source):
+    """``spans``: the window of reused tokens around the probe's peak attention is recomputed whatever the other
+    scores say, inside the ratio's count; on this prompt it lies in the passage the question asks about."""
+    plan = _plan(engine, (0, 2, 1))
+    NaiveReuse().prefill(engine.runner, _plan(engine), source)
+    secret = [i for i, s in enumerate(plan.segments) if s.kind == "document"][1]
+    seen = {}
+
+    class Spy(BlendReuse):
+        def forced(self, layout, idx, rel):
+            forced, fired = super().forced(layout, idx, rel)
+            seen["forced"], seen["start"] = forced.clone(), layout.start
+            return forced, fired
+
+    cfg = BlendConfig(ratio=0.3, query_share=0.0, spans=1, span_width=2)  # the spans alone, the rest by deviation
+    pre = Spy(cfg).prefill(engine.runner, plan, source)
+    window = seen["forced"].nonzero().squeeze(1) + seen["start"]  # prompt positions
+    seg = plan.segments[secret]
+    assert len(window) == 5 and seg.start <= int(window[0]) and int(window[-1]) < seg.end
+    assert set((window - seg.start).tolist()) <= set(pre.report.recomputed_offsets(secret))
+    plain = BlendReuse(replace(cfg, spans=0)).prefill(engine.runner, plan, source)
+    assert pre.report.recomputed_tokens == plain.report.recomputed_tokens  # the same budget
+    with pytest.raises(ValueError, match="focus='probe'"):
+        BlendConfig(spans=2, focus="recent")
+    with pytest.raises(ValueError, match="spans and span_width"):
+        BlendConfig(spans=-1)
 
 
 def test_blend_auto_picks_the_ratio_from_the_deviation_within_its_bounds(engine, source):

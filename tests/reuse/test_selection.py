@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstash.reuse.selection import deviation, gate, top_share, within
+from kvstash.reuse.selection import deviation, gate, spans, top_share, within
 
 
 def test_selection_functions_on_constructed_cases():
@@ -30,3 +30,19 @@ def test_within_a_work_budget_takes_tokens_in_score_order_while_their_cost_fits(
     assert within(score, 1.9, cost).tolist() == [False] * 5  # the best one does not fit: nothing after it either
     assert within(score, 100.0, cost).tolist() == [True, True, True, False, True]  # never a -inf score
     assert within(score, 2, None).tolist() == top_share(score, 2).tolist() == [True, False, True, False, False]
+
+
+def test_spans_take_the_windows_with_the_most_score_clipped_to_their_segment():
+    score = torch.tensor([0.0, 0.0, 1.0, 5.0, 1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 0.0])
+    segment = torch.tensor([0] * 6 + [1] * 6)
+    as_list = lambda mask: mask.nonzero().squeeze(1).tolist()  # noqa: E731
+    assert as_list(spans(score, segment, 1, 1)) == [2, 3, 4]  # total 7 beats 6
+    assert as_list(spans(score, segment, 2, 1)) == [2, 3, 4, 8, 9, 10]
+    assert as_list(spans(score, segment, 5, 1)) == [2, 3, 4, 8, 9, 10]  # what is left scores 0: the search ends
+    assert as_list(spans(score, segment, 1, 3)) == [0, 1, 2, 3, 4]  # the first window totalling 7, centre 1
+    # the second window (centre 8) stops at its segment's start: token 5 stays out
+    assert as_list(spans(score, segment, 2, 3)) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert not spans(score, segment, 0, 1).any()
+    score[3] = float("-inf")  # never taken, and no window is centred on it
+    assert as_list(spans(score, segment, 1, 1)) == [8, 9, 10]
+    assert as_list(spans(score, segment, 2, 1)) == [0, 1, 2, 8, 9, 10]  # a tie goes to the first window
