@@ -23,6 +23,7 @@ AUTO_DEVIATION = 0.06  # blend:auto's threshold on a reused token's relative val
 AUTO_MAX = 0.3  # blend:auto's ratio cap (the ``ratio`` field when ``auto`` is set)
 FOCUS = ("probe", "recent")  # BlendConfig.focus: what the question-focused share of the budget follows
 BUDGETS = ("tokens", "work")  # BlendConfig.budget: what the ratio is a share of
+SPANS = 3  # windows around the probe's strongest reads that blend recomputes by default (BlendConfig.spans)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class BlendConfig:
     auto_min: float = 0.03
     # force ``spans`` windows of 2 * span_width + 1 reused tokens (a sentence or so) into the recompute, inside the
     # budget: those around the probe's strongest single reads (a token's peak is the most attention any one
-    # layer, head and question row of the probe pays it); 0: none. Needs the probe (focus="probe")
-    spans: int = 0
+    # layer, head and question row of the probe pays it); 0: none. None: SPANS with the question-focused probe
+    # (focus="probe", query_share > 0), else 0
+    spans: int | None = None
     span_width: int = 8
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class BlendConfig:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.focus not in FOCUS:
             raise ValueError(f"focus must be one of {', '.join(FOCUS)}, got {self.focus!r}")
+        if self.spans is None:  # frozen: the default resolved once, here
+            object.__setattr__(self, "spans", SPANS if self.focus == "probe" and self.query_share > 0 else 0)
         if self.spans < 0 or self.span_width < 0:
             raise ValueError(f"spans and span_width must be >= 0, got spans={self.spans}, span_width={self.span_width}")
         if self.spans and self.focus != "probe":
@@ -133,8 +137,8 @@ class BlendReuse(PartialPrefill):
         total = int(layout.reused.sum())
         fired = 0
         if step == 0:
-            layout.forced, fired = self.forced(layout, idx, rel)
             layout.ratio = self.share_at(0) if cfg.auto is None else auto_ratio(rel, total, cfg)
+            layout.forced, fired = self.forced(layout, idx, rel)
         forced = layout.forced[idx]
         share = layout.ratio if step == 0 else self.share_at(step)
         cost = None if layout.cost is None else layout.cost[idx]
@@ -158,14 +162,16 @@ class BlendReuse(PartialPrefill):
 
     def forced(self, layout: Layout, idx: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The reused tokens recomputed whatever their scores, [R] bool, inside the budget (the chunks the gate
-        sends to full recompute; a study may force others), and how many chunks the gate fired for. idx: [A]
+        sends to full recompute, the ``spans`` windows that fit in the ratio's count; a study may force others),
+        and how many chunks the gate fired for. Runs once, at the first check, after ``layout.ratio`` is set. idx: [A]
         rest indices of the active reused tokens; rel: [A] their relative deviation at the check layer."""
         forced, fired = torch.zeros_like(layout.reused), 0
         if self.cfg.gate is not None:
             forced[idx], fired = gate(rel, layout.segment[idx], self.cfg.gate)
-        if self.cfg.spans and layout.peak is not None:
+        if self.cfg.spans and layout.peak is not None:  # as many windows as the budget's count holds
             score = layout.peak.masked_fill(~layout.reused, float("-inf"))
-            forced |= spans(score, layout.segment, self.cfg.spans, self.cfg.span_width)
+            limit = layout.ratio * int(layout.reused.sum()) - int(forced.sum())
+            forced |= spans(score, layout.segment, self.cfg.spans, self.cfg.span_width, limit)
         return forced, fired
 
 
@@ -178,13 +184,13 @@ def auto_ratio(rel: torch.Tensor, total: int, cfg: BlendConfig) -> float:
 
 
 class CacheBlendReuse(BlendReuse):
-    """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0), stale KV
-    attended as it is (``stale_bias`` = 0)."""
+    """Plain CacheBlend, for comparison: the whole budget by KV deviation (``query_share`` = 0, no ``spans``),
+    stale KV attended as it is (``stale_bias`` = 0)."""
 
     name = "cacheblend"
 
     def __init__(self, cfg: BlendConfig | None = None, prefill_chunk: int = 512):
-        super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0), prefill_chunk)
+        super().__init__(replace(cfg or BlendConfig(), query_share=0.0, stale_bias=0.0, spans=0), prefill_chunk)
 
 
 def recency_focus(reused: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,10 @@ def make_method(spec: str, prefill_chunk: int = 512, **opts) -> ReuseMethod:
             opts["ratio"] = float(arg)
         except ValueError:
             raise ValueError(f"blend ratio must be a number, e.g. blend:0.15; got {arg!r}") from None
-    if name == "cacheblend" and (opts.get("query_share") or opts.get("stale_bias")):
+    if name == "cacheblend" and (opts.get("query_share") or opts.get("stale_bias") or opts.get("spans")):
         raise ValueError(
-            "cacheblend is plain CacheBlend (no question share, no stale bias); use blend with --query-share "
-            "or --stale-bias"
+            "cacheblend is plain CacheBlend (no question share, no stale bias, no spans); use blend with "
+            "--query-share, --stale-bias or --spans"
         )
     cls = REUSE_METHODS[name]
     if name in BLEND_METHODS:

@@ -51,10 +51,13 @@ def within(score: torch.Tensor, budget: float, cost: torch.Tensor | None) -> tor
     return chosen
 
 
-def spans(score: torch.Tensor, segment: torch.Tensor, count: int, width: int) -> torch.Tensor:
+def spans(
+    score: torch.Tensor, segment: torch.Tensor, count: int, width: int, limit: float = float("inf")
+) -> torch.Tensor:
     """The ``count`` windows of up to ``2 * width + 1`` tokens of one segment with the most ``score`` [T] in total,
-    taken one at a time, a window never overlapping one already taken. A token scoring -inf is never taken
-    (nor a window centred on it); a window whose total is 0 ends the search. Segments are contiguous runs.
+    taken one at a time, a window never overlapping one already taken, while the tokens taken stay within
+    ``limit``. A token scoring -inf is never taken (nor a window centred on it); a window whose total is 0, or
+    one that would pass ``limit``, ends the search. Segments are contiguous runs.
 
     score, segment: [T] -> bool [T]."""
     chosen = torch.zeros_like(score, dtype=torch.bool)
@@ -76,7 +79,10 @@ def spans(score: torch.Tensor, segment: torch.Tensor, count: int, width: int) ->
             break
         window = torch.arange(max(0, centre - width), min(len(score), centre + width + 1))
         window = window[segment[window] == segment[centre]]
-        chosen[window[~taken[window]]] = True
+        window = window[~taken[window]]
+        if int(chosen.sum()) + len(window) > limit:
+            break
+        chosen[window] = True
         reach = torch.arange(max(0, int(window[0]) - width), min(len(score), int(window[-1]) + width + 1))
         total[reach] = float("-inf")  # a later window may not overlap this one
     return chosen

@@ -12,6 +12,7 @@ from kvstash.reuse import make_method
 from kvstash.reuse.blend import (
     AUTO_DEVIATION,
     AUTO_MAX,
+    SPANS,
     BlendConfig,
     BlendReuse,
     CacheBlendReuse,
@@ -396,6 +397,8 @@ def test_spans_recompute_the_window_around_the_questions_strongest_read(engine, 
     assert set((window - seg.start).tolist()) <= set(pre.report.recomputed_offsets(secret))
     plain = BlendReuse(replace(cfg, spans=0)).prefill(engine.runner, plan, source)
     assert pre.report.recomputed_tokens == plain.report.recomputed_tokens  # the same budget
+    assert BlendConfig().spans == SPANS and BlendConfig(focus="recent").spans == 0  # the default needs the probe
+    assert BlendConfig(query_share=0.0).spans == 0 and CacheBlendReuse().cfg.spans == 0  # plain CacheBlend stays so
     with pytest.raises(ValueError, match="focus='probe'"):
         BlendConfig(spans=2, focus="recent")
     with pytest.raises(ValueError, match="spans and span_width"):

@@ -43,6 +43,8 @@ def test_spans_take_the_windows_with_the_most_score_clipped_to_their_segment():
     # the second window (centre 8) stops at its segment's start: token 5 stays out
     assert as_list(spans(score, segment, 2, 3)) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
     assert not spans(score, segment, 0, 1).any()
+    assert as_list(spans(score, segment, 2, 1, limit=5)) == [2, 3, 4]  # the second window would pass the limit
+    assert not spans(score, segment, 2, 1, limit=2).any()
     score[3] = float("-inf")  # never taken, and no window is centred on it
     assert as_list(spans(score, segment, 1, 1)) == [8, 9, 10]
     assert as_list(spans(score, segment, 2, 1)) == [0, 1, 2, 8, 9, 10]  # a tie goes to the first window
