@@ -25,7 +25,7 @@ import kvstash.reuse.partial as partial_mod
 from kvstash.bench.datasets import load_dataset
 from kvstash.engine import Engine
 from kvstash.prompt import Segment
-from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse, question_focus
+from kvstash.reuse.blend import BlendConfig, BlendReuse, CacheBlendReuse
 from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.partial import NaiveReuse, PartialPrefill
 from kvstash.reuse.source import ChunkSource
@@ -51,8 +51,7 @@ def timed(cls):
 
         def pass_steps(self, runner, cache, layout, observe=None):
             t0 = time.perf_counter()
-            if self.cfg.query_share > 0 and self.cfg.ratio > 0 and bool(layout.reused.any()):
-                layout.focus, layout.peak = yield from question_focus(runner, cache, layout)
+            yield from self.focus_steps(runner, cache, layout)
             t1 = time.perf_counter()
             self.clock.add("probe", t1 - t0)
             stamps: list[float] = []

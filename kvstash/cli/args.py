@@ -126,7 +126,8 @@ def _add_blend_args(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="blend: also recompute the N windows of reused tokens (a sentence or so each, see --span-width) "
-        "around the question's strongest single reads in the probe, inside the ratio (default 0 = off)",
+        "around the question's strongest single reads in the probe, inside the ratio (default 3 with the "
+        "probe; 0 = off)",
     )
     p.add_argument(
         "--span-width",

@@ -82,7 +82,9 @@ class BlendConfig:
         if self.spans < 0 or self.span_width < 0:
             raise ValueError(f"spans and span_width must be >= 0, got spans={self.spans}, span_width={self.span_width}")
         if self.spans and self.focus != "probe":
-            raise ValueError(f"spans follow the probe's strongest reads: use focus='probe' (got {self.focus!r})")
+            raise ValueError(
+                f"spans follow the probe's strongest reads: use focus='probe', or spans=0 with focus={self.focus!r}"
+            )
         if self.probe_layers is not None and self.probe_layers < 1:
             raise ValueError(f"probe_layers must be >= 1 (or None for every layer), got {self.probe_layers}")
 
@@ -118,6 +120,12 @@ class BlendReuse(PartialPrefill):
         return self.cfg.ratio
 
     def pass_steps(self, runner: Runner, cache: KVCache, layout: Layout, observe=None) -> Steps:
+        yield from self.focus_steps(runner, cache, layout)
+        return (yield from super().pass_steps(runner, cache, layout, observe))
+
+    def focus_steps(self, runner: Runner, cache: KVCache, layout: Layout) -> Steps[None]:
+        """What the check needs before the pass: each token's cost (``budget="work"``), and the question's focus
+        and peaks (the probe pass) or its recency focus."""
         if self.cfg.budget == "work":
             layout.cost = runner.position_costs(torch.arange(layout.start, layout.start + len(layout.ids)))
         if (self.cfg.query_share > 0 or self.cfg.spans) and self.cfg.ratio > 0 and bool(layout.reused.any()):
@@ -125,7 +133,6 @@ class BlendReuse(PartialPrefill):
                 layout.focus = recency_focus(layout.reused)
             else:
                 layout.focus, layout.peak = yield from question_focus(runner, cache, layout, self.cfg.probe_layers)
-        return (yield from super().pass_steps(runner, cache, layout, observe))
 
     def check(self, cache: KVCache, layer: int, layout: Layout, active, k, v, chosen):
         """Select which active reused tokens run on. Returns (keep mask over active, chosen [R], gate count)."""

@@ -63,8 +63,8 @@ def spans(
     chosen = torch.zeros_like(score, dtype=torch.bool)
     if count <= 0 or score.numel() == 0:
         return chosen
-    taken = score == float("-inf")
-    finite = score.masked_fill(taken, 0.0).float()
+    barred = score == float("-inf")
+    finite = score.masked_fill(barred, 0.0).float()
     total = torch.empty_like(finite)
     for s in segment.unique():  # window totals within each segment
         run = (segment == s).nonzero().squeeze(1)
@@ -72,14 +72,14 @@ def spans(
         sums = torch.nn.functional.pad(finite[lo:hi].cumsum(0), (1, 0))  # [n + 1]
         at = torch.arange(hi - lo)
         total[lo:hi] = sums[(at + width + 1).clamp(max=hi - lo)] - sums[(at - width).clamp(min=0)]
-    total = total.masked_fill(taken, float("-inf"))
+    total = total.masked_fill(barred, float("-inf"))
     for _ in range(count):
         centre = int(total.argmax())
         if not total[centre] > 0:
             break
         window = torch.arange(max(0, centre - width), min(len(score), centre + width + 1))
         window = window[segment[window] == segment[centre]]
-        window = window[~taken[window]]
+        window = window[~barred[window]]
         if int(chosen.sum()) + len(window) > limit:
             break
         chosen[window] = True
