@@ -169,16 +169,21 @@ class BlendReuse(PartialPrefill):
 
     def forced(self, layout: Layout, idx: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The reused tokens recomputed whatever their scores, [R] bool, inside the budget (the chunks the gate
-        sends to full recompute, the ``spans`` windows that fit in the ratio's count; a study may force others),
+        sends to full recompute, the ``spans`` windows that fit in the ratio's budget, in tokens or in work; a study
+        may force others),
         and how many chunks the gate fired for. Runs once, at the first check, after ``layout.ratio`` is set. idx: [A]
         rest indices of the active reused tokens; rel: [A] their relative deviation at the check layer."""
         forced, fired = torch.zeros_like(layout.reused), 0
         if self.cfg.gate is not None:
             forced[idx], fired = gate(rel, layout.segment[idx], self.cfg.gate)
-        if self.cfg.spans and layout.peak is not None:  # as many windows as the budget's count holds
+        if self.cfg.spans and layout.peak is not None:  # as many windows as the budget holds
             score = layout.peak.masked_fill(~layout.reused, float("-inf"))
-            limit = layout.ratio * int(layout.reused.sum()) - int(forced.sum())
-            forced |= spans(score, layout.segment, self.cfg.spans, self.cfg.span_width, limit)
+            cost = layout.cost  # budget="work": windows counted in work, as the rest of the budget is
+            if cost is None:
+                limit = layout.ratio * int(layout.reused.sum()) - int(forced.sum())
+            else:
+                limit = layout.ratio * float(cost[layout.reused].sum()) - float(cost[forced].sum())
+            forced |= spans(score, layout.segment, self.cfg.spans, self.cfg.span_width, limit, cost)
         return forced, fired
 
 

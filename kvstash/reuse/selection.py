@@ -52,12 +52,18 @@ def within(score: torch.Tensor, budget: float, cost: torch.Tensor | None) -> tor
 
 
 def spans(
-    score: torch.Tensor, segment: torch.Tensor, count: int, width: int, limit: float = float("inf")
+    score: torch.Tensor,
+    segment: torch.Tensor,
+    count: int,
+    width: int,
+    limit: float = float("inf"),
+    cost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``count`` windows of up to ``2 * width + 1`` tokens of one segment with the most ``score`` [T] in total,
-    taken one at a time, a window never overlapping one already taken, while the tokens taken stay within
-    ``limit``. A token scoring -inf is never taken (nor a window centred on it); a window whose total is 0, or
-    one that would pass ``limit``, ends the search. Segments are contiguous runs.
+    taken one at a time, a window never overlapping one already taken, while what is taken stays within
+    ``limit``: its count of tokens, or its summed ``cost`` [T] when given (as in :func:`within`). A token scoring
+    -inf is never taken (nor a window centred on it); a window whose total is 0, or one that would pass
+    ``limit``, ends the search. Segments are contiguous runs.
 
     score, segment: [T] -> bool [T]."""
     chosen = torch.zeros_like(score, dtype=torch.bool)
@@ -73,6 +79,8 @@ def spans(
         at = torch.arange(hi - lo)
         total[lo:hi] = sums[(at + width + 1).clamp(max=hi - lo)] - sums[(at - width).clamp(min=0)]
     total = total.masked_fill(barred, float("-inf"))
+    weight = torch.ones_like(finite) if cost is None else cost.float()  # [T] what a token uses of the limit
+    used = 0.0
     for _ in range(count):
         centre = int(total.argmax())
         if not total[centre] > 0:
@@ -80,7 +88,8 @@ def spans(
         window = torch.arange(max(0, centre - width), min(len(score), centre + width + 1))
         window = window[segment[window] == segment[centre]]
         window = window[~barred[window]]
-        if int(chosen.sum()) + len(window) > limit:
+        used += float(weight[window].sum())
+        if used > limit + 1e-3:  # 1e-3: float sums
             break
         chosen[window] = True
         reach = torch.arange(max(0, int(window[0]) - width), min(len(score), int(window[-1]) + width + 1))

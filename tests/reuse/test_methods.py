@@ -386,7 +386,10 @@ def test_spans_recompute_the_window_around_the_questions_strongest_read(engine, 
     class Spy(BlendReuse):
         def forced(self, layout, idx, rel):
             forced, fired = super().forced(layout, idx, rel)
-            seen["forced"], seen["start"] = forced.clone(), layout.start
+            seen["forced"], seen["start"], seen["cost"] = forced.clone(), layout.start, layout.cost
+            seen["limit"] = layout.ratio * (
+                layout.reused.sum() if layout.cost is None else layout.cost[layout.reused].sum()
+            )
             return forced, fired
 
     cfg = BlendConfig(ratio=0.3, query_share=0.0, spans=1, span_width=2)  # the spans alone, the rest by deviation
@@ -397,6 +400,9 @@ def test_spans_recompute_the_window_around_the_questions_strongest_read(engine, 
     assert set((window - seg.start).tolist()) <= set(pre.report.recomputed_offsets(secret))
     plain = BlendReuse(replace(cfg, spans=0)).prefill(engine.runner, plan, source)
     assert pre.report.recomputed_tokens == plain.report.recomputed_tokens  # the same budget
+    Spy(replace(cfg, budget="work")).prefill(engine.runner, plan, source)  # the window counted in work
+    assert torch.equal(seen["forced"].nonzero().squeeze(1) + seen["start"], window)
+    assert float(seen["cost"][seen["forced"]].sum()) <= float(seen["limit"])
     assert BlendConfig().spans == SPANS and BlendConfig(focus="recent").spans == 0  # the default needs the probe
     assert BlendConfig(query_share=0.0).spans == 0 and CacheBlendReuse().cfg.spans == 0  # plain CacheBlend stays so
     with pytest.raises(ValueError, match="focus='probe'"):

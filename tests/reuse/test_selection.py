@@ -45,6 +45,10 @@ def test_spans_take_the_windows_with_the_most_score_clipped_to_their_segment():
     assert not spans(score, segment, 0, 1).any()
     assert as_list(spans(score, segment, 2, 1, limit=5)) == [2, 3, 4]  # the second window would pass the limit
     assert not spans(score, segment, 2, 1, limit=2).any()
+    cost = torch.tensor([2.0] * 6 + [1.0] * 6)  # the limit in work: the first window costs 6, the second 3
+    assert as_list(spans(score, segment, 2, 1, limit=8, cost=cost)) == [2, 3, 4]
+    assert as_list(spans(score, segment, 2, 1, limit=9, cost=cost)) == [2, 3, 4, 8, 9, 10]
+    assert not spans(score, segment, 2, 1, limit=5.9, cost=cost).any()
     score[3] = float("-inf")  # never taken, and no window is centred on it
     assert as_list(spans(score, segment, 1, 1)) == [8, 9, 10]
     assert as_list(spans(score, segment, 2, 1)) == [0, 1, 2, 8, 9, 10]  # a tie goes to the first window
