@@ -13,7 +13,10 @@ standalone. For every prompt, full prefill is the reference: its greedy answer a
 distributions along that answer (teacher-forced). Each method is then measured on the same prompt: prefill
 time (TTFT; the median of ``--repeat`` runs, full's too), the share of the prompt recomputed and blend's
 ratio, the needle found (the code in the greedy answer), agreement with full's answer, and the mean
-KL(full || method) over full's answer tokens. Results: ``OUT/NAME.json`` (per prompt and summary) and a
+KL(full || method) over full's answer tokens. Full's needles are also split by how firmly full chose its
+answer (its smallest logit margin up to the code): the table's "clear needles" are those at least ``CLEAR``
+logits from a tie, the ones a method should keep; the rest hang on near ties that rounding alone flips
+(``benchmarks/needle_margin.py``). Results: ``OUT/NAME.json`` (per prompt and summary) and a
 markdown table on stdout.
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvstash.bench.datasets import load_dataset
-from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence
+from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence, logit_margins
 from kvstash.engine import Engine
 from kvstash.prompt import Segment
 from kvstash.reuse.full import FullPrefill
@@ -37,6 +40,8 @@ from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.registry import make_method
 from kvstash.reuse.source import ChunkSource
 from kvstash.sampling import SamplingParams
+
+CLEAR = 1.0  # logits: a needle of full's whose answer never came closer than this to a tie is a clear one
 
 
 def parse_method(spec: str, chunk: int):
@@ -67,6 +72,14 @@ def greedy(engine: Engine, pre, max_tokens: int) -> list[int]:
     return engine.decode(replace(pre, cache=pre.cache.clone()), SamplingParams(max_tokens=max_tokens)).token_ids
 
 
+def code_end(engine: Engine, ids: list[int], answers: list[str]) -> int:
+    """Tokens of the answer up to the one that completes the gold (all of them if it holds none)."""
+    for t in range(1, len(ids) + 1):
+        if contains_gold(engine.tokenizer.decode(ids[:t], skip_special_tokens=True), answers):
+            return t
+    return len(ids)
+
+
 def timed(fn, repeat: int):
     """(median seconds over ``repeat`` runs, the last run's result)."""
     times, out = [], None
@@ -95,8 +108,10 @@ def run(args, per_prompt: dict | None = None) -> dict:
         ref_text = engine.tokenizer.decode(ref_ids, skip_special_tokens=True)
         ref_logits = engine.teacher_forced_logits(ref, ref_ids)
         found = contains_gold(ref_text, ex.answers)
+        margin = float(logit_margins(ref_logits, ref_ids)[: code_end(engine, ref_ids, ex.answers)].min())
         base = dict(id=ex.id, tokens=len(plan), full_s=full_s)
-        rows["full"].append(dict(base, ttft=full_s, text=ref_text, found=found, agree=True, kl=0.0, recomputed=1.0))
+        full = dict(base, ttft=full_s, text=ref_text, found=found, agree=True, kl=0.0, recomputed=1.0, margin=margin)
+        rows["full"].append(full)
         NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
         built = {name: fn(engine, ex, plan) for name, fn in per_prompt.items()}
         for spec, method in {**methods, **built}.items():
@@ -123,7 +138,11 @@ def run(args, per_prompt: dict | None = None) -> dict:
 
 
 def summarize(rows: dict[str, list[dict]]) -> list[dict]:
+    """Per method. ``clear_kept``: of full's needles whose decisive margin (the smallest logit margin of full's
+    answer up to the code, ``benchmarks/needle_margin.py``) is at least ``CLEAR`` logits, those it finds too;
+    full's other needles hang on near ties that rounding alone flips."""
     full_found = sum(r["found"] for r in rows["full"])
+    clear = [i for i, r in enumerate(rows["full"]) if r["found"] and r.get("margin", float("inf")) >= CLEAR]
     table = []
     for name, rs in rows.items():
         speedups = sorted(r["full_s"] / r["ttft"] for r in rs)
@@ -135,6 +154,8 @@ def summarize(rows: dict[str, list[dict]]) -> list[dict]:
                 n=len(rs),
                 found=found,
                 found_vs_full=found / max(1, full_found),
+                clear_kept=sum(rs[i]["found"] for i in clear if i < len(rs)),
+                clear=len(clear),
                 agree=sum(r["agree"] for r in rs),
                 kl=statistics.mean(r["kl"] for r in rs),
                 recomputed=statistics.mean(r["recomputed"] for r in rs),
@@ -151,7 +172,11 @@ def summarize(rows: dict[str, list[dict]]) -> list[dict]:
 
 
 def write(args, rows: dict[str, list[dict]], partial: bool = False) -> dict:
-    result = {"config": vars(args), "summary": summarize(rows), "rows": rows}
+    return save(args, {"config": vars(args), "summary": summarize(rows), "rows": rows}, partial)
+
+
+def save(args, result: dict, partial: bool = False) -> dict:
+    """``result`` as ``OUT/DATASET[-HAYSTACK]-sSEED[.partial].json`` (a study on the same prompts may share it)."""
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{args.dataset}{'-' + args.haystack if args.haystack else ''}-s{args.seed}"
     (args.out / f"{name}{'.partial' if partial else ''}.json").write_text(json.dumps(result, indent=1, default=str))
@@ -165,7 +190,7 @@ def parser(doc: str = __doc__) -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--passages", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["blend:0.15", "cacheblend:0.15", "naive"])
+    ap.add_argument("--methods", nargs="*", default=["blend:0.15", "cacheblend:0.15", "naive"])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1, help="timed prefills per method and prompt (median kept)")
     ap.add_argument(
@@ -180,14 +205,15 @@ def parser(doc: str = __doc__) -> argparse.ArgumentParser:
 def print_table(args, result: dict) -> None:
     print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
     print(
-        "| method | needle found | vs full | agree w/ full | mean answer KL | recomputed | ratio (min-max) "
-        "| TTFT s | speedup (median, p10) |"
+        "| method | needle found | vs full | full's clear needles kept | agree w/ full | mean answer KL | recomputed "
+        "| ratio (min-max) | TTFT s | speedup (median, p10) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["summary"]:
         ratio = "" if r["ratio_mean"] is None else f"{r['ratio_mean']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
         print(
-            f"| {r['method']} | {r['found']}/{r['n']} | {r['found_vs_full']:.0%} | {r['agree']}/{r['n']} | "
+            f"| {r['method']} | {r['found']}/{r['n']} | {r['found_vs_full']:.0%} | {r['clear_kept']}/{r['clear']} | "
+            f"{r['agree']}/{r['n']} | "
             f"{r['kl']:.3f} | {r['recomputed']:.1%} | {ratio} | {r['ttft_s']:.2f} | "
             f"{r['speedup_median']:.2f}x, {r['speedup_p10']:.2f}x |"
         )

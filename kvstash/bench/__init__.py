@@ -10,6 +10,7 @@ from kvstash.bench.metrics import (
     exact_match,
     f1_score,
     kl_divergence,
+    logit_margins,
     normalize_answer,
     summarize,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "f1_score",
     "kl_divergence",
     "load_dataset",
+    "logit_margins",
     "normalize_answer",
     "summarize",
 ]

@@ -82,6 +82,21 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [T]
 
 
+def logit_margins(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """How firmly each token of an answer was chosen: its logit minus the best other token's, in float32.
+
+    logits: [T, V] teacher-forced along ``ids`` (row i predicts ``ids[i]``); returns [T]. A margin below 0
+    means greedy decoding leaves the answer at that token; near 0 the answer hangs on a near tie.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(ids):
+        raise ValueError(f"need one logits row per answer token: {tuple(logits.shape)} for {len(ids)} tokens")
+    rows, tgt = torch.arange(len(ids)), torch.as_tensor(list(ids), dtype=torch.long)
+    lg = logits.float().clone()  # [T, V]; a copy, so inference-mode logits can be written
+    own = lg[rows, tgt].clone()  # [T]
+    lg[rows, tgt] = float("-inf")
+    return own - lg.amax(dim=-1)  # [T]
+
+
 @dataclass(frozen=True)
 class Summary:
     """Median, 90th percentile (linear interpolation, as numpy's default) and mean of a sample."""

@@ -17,6 +17,7 @@ from kvstash.bench import (
     f1_score,
     kl_divergence,
     load_dataset,
+    logit_margins,
     normalize_answer,
     summarize,
 )
@@ -80,6 +81,17 @@ def test_kl_divergence():
     assert kl_divergence(logits + 7.0, logits).abs().max().item() < 1e-12  # shift-invariant
     with pytest.raises(ValueError, match="shapes differ"):
         kl_divergence(p, torch.zeros(1, 3))
+
+
+def test_logit_margins():
+    logits = torch.tensor([[1.0, 3.0, 2.5], [4.0, 0.0, 4.0], [0.0, -1.0, 2.0]])
+    out = logit_margins(logits, [1, 0, 1])
+    assert out.tolist() == [0.5, 0.0, -3.0]  # clear, a tie, greedy would leave the answer
+    assert logits[0, 1] == 3.0  # the input is not written
+    with torch.inference_mode():  # as the engine returns them
+        assert logit_margins(logits.clone(), [1, 0, 1]).tolist() == [0.5, 0.0, -3.0]
+    with pytest.raises(ValueError, match="one logits row per answer token"):
+        logit_margins(logits, [1, 0])
 
 
 def test_summarize():

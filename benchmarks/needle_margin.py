@@ -1,0 +1,130 @@
+"""How close to a coin flip are full prefill's needles? Margins, and full prefill in another precision.
+
+    .venv/bin/python benchmarks/needle_margin.py --seed 2 --n 25 --out out/margin
+    .venv/bin/python benchmarks/needle_margin.py --haystack wikimqa --seed 2 --n 50 --passages 7 --out out/margin
+
+On the prompts of ``blend_eval.py`` (same datasets and seeds, so the same prompts), full prefill in ``--dtype``
+(bf16 by default) is the reference: its greedy answer, and along that answer each token's *margin* (its logit
+minus the best other logit, teacher-forced). A needle's *decisive margin* is the smallest margin up to the
+token that completes the code: below ~1 logit the answer hangs on a near tie (often " " against ":" right
+after "... project is"), and any perturbation of the KV may flip it. Then, on the same prompt:
+
+- full prefill in ``--reference-dtype`` (fp32 by default), or in passes of ``--reference-chunk`` tokens
+  instead of the engine's 512: another exact computation of the same model, which differs from the
+  reference only in rounding. How many of the reference's needles it keeps is the noise floor of the needle
+  metric: a reuse method cannot be expected to keep more.
+- each of ``--methods`` (reuse specs as in ``blend_eval.py``, in ``--dtype``): needle found, and its smallest
+  margin along full's answer (negative: its greedy answer leaves full's there).
+
+The table splits full's needles by decisive margin (below / at least ``--near`` logits). Output:
+``OUT/NAME.json`` (per prompt and summary) and a markdown table on stdout. Timing is not measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blend_eval import code_end, greedy, parse_method, parser, save
+from tqdm import tqdm
+
+from kvstash.bench.datasets import load_dataset
+from kvstash.bench.metrics import contains_gold, logit_margins
+from kvstash.engine import Engine
+from kvstash.model.dtype import resolve_dtype
+from kvstash.prompt import Segment
+from kvstash.reuse.full import FullPrefill
+from kvstash.reuse.partial import NaiveReuse
+from kvstash.reuse.source import ChunkSource
+
+
+def run(args) -> dict:
+    engine = Engine(dtype=args.dtype, threads=args.threads)
+    same = resolve_dtype(args.reference_dtype) == resolve_dtype(args.dtype)
+    other = engine if same else Engine(dtype=args.reference_dtype, threads=args.threads)
+    source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
+    opts = {"haystack": args.haystack} if args.haystack else {}
+    examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
+    chunk = engine.config.prefill_chunk
+    other_chunk = args.reference_chunk or chunk
+    if other is engine and other_chunk == chunk:
+        raise SystemExit("the reference is full prefill itself: give another --reference-dtype or --reference-chunk")
+    methods = {spec: parse_method(spec, chunk) for spec in args.methods}
+    rows = []
+    for ex in tqdm(examples, desc=f"{args.dataset} seed {args.seed}"):
+        segs = [Segment(d) for d in ex.documents] + [Segment(ex.question, "user")]
+        plan = engine.plan(segs)
+        ref = FullPrefill(chunk).prefill(engine.runner, plan)
+        ids = greedy(engine, ref, args.max_tokens)
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        upto = code_end(engine, ids, ex.answers)
+        margin = logit_margins(engine.teacher_forced_logits(ref, ids), ids)[:upto]
+        row = dict(id=ex.id, tokens=len(plan), text=text, found=contains_gold(text, ex.answers))
+        row["margin"] = float(margin.min())
+        row["margin_at"] = engine.tokenizer.decode([ids[int(margin.argmin())]])
+        alt = FullPrefill(other_chunk).prefill(other.runner, other.plan(segs))
+        alt_text = other.tokenizer.decode(greedy(other, alt, args.max_tokens), skip_special_tokens=True)
+        row["reference"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
+        if methods:
+            NaiveReuse().prefill(engine.runner, plan, source)  # every chunk in the store
+        for spec, method in methods.items():
+            pre = method.prefill(engine.runner, plan, source)
+            m_text = engine.tokenizer.decode(greedy(engine, pre, args.max_tokens), skip_special_tokens=True)
+            along = logit_margins(engine.teacher_forced_logits(pre, ids), ids)[:upto]
+            row[spec] = dict(text=m_text, found=contains_gold(m_text, ex.answers), margin=float(along.min()))
+        source.store.clear()
+        rows.append(row)
+        if args.out:
+            write(args, rows, partial=True)
+    return write(args, rows)
+
+
+def summarize(rows: list[dict], methods: list[str], near: float) -> list[dict]:
+    """Per column (full, the reference dtype, each method): needles found, and full's needles kept, split by
+    full's decisive margin."""
+    hit = [r for r in rows if r["found"]]
+    close = [r for r in hit if r["margin"] < near]
+    table = []
+    for name in ["full", "reference", *methods]:
+        found = (lambda r: r["found"]) if name == "full" else (lambda r, n=name: r[n]["found"])
+        table.append(
+            dict(
+                column=name,
+                n=len(rows),
+                found=sum(map(found, rows)),
+                kept=sum(map(found, hit)),
+                of=len(hit),
+                kept_near=sum(map(found, close)),
+                near=len(close),
+                kept_clear=sum(map(found, hit)) - sum(map(found, close)),
+                clear=len(hit) - len(close),
+            )
+        )
+    return table
+
+
+def write(args, rows: list[dict], partial: bool = False) -> dict:
+    return save(
+        args, {"config": vars(args), "summary": summarize(rows, args.methods, args.near), "rows": rows}, partial
+    )
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.set_defaults(n=25, seed=2, dtype="bfloat16", methods=["blend:0.15", "blend:0.1/spans=6"], out=Path("out/margin"))
+    ap.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--reference-chunk", type=int, help="the reference's prefill pass size (default: the engine's)")
+    ap.add_argument("--near", type=float, default=1.0, help="a decisive margin below this many logits is near a tie")
+    args = ap.parse_args()
+    result = run(args)
+    print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
+    print(f"| column | needles found | full's kept | of those near a tie (< {args.near} logit) | of the clear ones |")
+    print("|---|---|---|---|---|")
+    for r in result["summary"]:
+        print(
+            f"| {r['column']} | {r['found']}/{r['n']} | {r['kept']}/{r['of']} | {r['kept_near']}/{r['near']} | "
+            f"{r['kept_clear']}/{r['clear']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
