@@ -44,6 +44,8 @@ def run(args) -> dict:
     source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
     opts = {"haystack": args.haystack} if args.haystack else {}
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
+    if args.pick:  # a look at chosen prompts (e.g. the misses of an earlier run)
+        examples = [examples[i] for i in args.pick]
     chunk = engine.config.prefill_chunk
     other_chunk = args.reference_chunk or chunk
     if other is engine and other_chunk == chunk:
@@ -113,6 +115,9 @@ def main() -> None:
     ap.set_defaults(n=25, seed=2, dtype="bfloat16", methods=["blend:0.15", "blend:0.1/spans=6"], out=Path("out/margin"))
     ap.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--reference-chunk", type=int, help="the reference's prefill pass size (default: the engine's)")
+    ap.add_argument(
+        "--pick", type=lambda v: [int(i) for i in v.split(",")], help="only these prompts of the --n (0-based: 6,10)"
+    )
     ap.add_argument("--near", type=float, default=1.0, help="a decisive margin below this many logits is near a tie")
     args = ap.parse_args()
     result = run(args)
