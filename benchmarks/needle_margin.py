@@ -9,7 +9,7 @@ minus the best other logit, teacher-forced). A needle's *decisive margin* is the
 token that completes the code: below ~1 logit the answer hangs on a near tie (often " " against ":" right
 after "... project is"), and any perturbation of the KV may flip it. Then, on the same prompt:
 
-- full prefill in ``--reference-dtype`` (fp32 by default), or in passes of ``--reference-chunk`` tokens
+- *exact*: full prefill in ``--exact-dtype`` (fp32 by default), or in passes of ``--exact-chunk`` tokens
   instead of the engine's 512: another exact computation of the same model, which differs from the
   reference only in rounding. How many of the reference's needles it keeps is the noise floor of the needle
   metric: a reuse method cannot be expected to keep more.
@@ -39,17 +39,17 @@ from kvstash.reuse.source import ChunkSource
 
 def run(args) -> dict:
     engine = Engine(dtype=args.dtype, threads=args.threads)
-    same = resolve_dtype(args.reference_dtype) == resolve_dtype(args.dtype)
-    other = engine if same else Engine(dtype=args.reference_dtype, threads=args.threads)
+    same = resolve_dtype(args.exact_dtype) == resolve_dtype(args.dtype)
+    other = engine if same else Engine(dtype=args.exact_dtype, threads=args.threads)
     source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
     opts = {"haystack": args.haystack} if args.haystack else {}
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
     if args.pick:  # a look at chosen prompts (e.g. the misses of an earlier run)
         examples = [examples[i] for i in args.pick]
     chunk = engine.config.prefill_chunk
-    other_chunk = args.reference_chunk or chunk
+    other_chunk = args.exact_chunk or chunk
     if other is engine and other_chunk == chunk:
-        raise SystemExit("the reference is full prefill itself: give another --reference-dtype or --reference-chunk")
+        raise SystemExit("exact would be the reference itself: give another --exact-dtype or --exact-chunk")
     methods = {spec: parse_method(spec, chunk) for spec in args.methods}
     rows = []
     for ex in tqdm(examples, desc=f"{args.dataset} seed {args.seed}"):
@@ -65,7 +65,7 @@ def run(args) -> dict:
         row["margin_at"] = engine.tokenizer.decode([ids[int(margin.argmin())]])
         alt = FullPrefill(other_chunk).prefill(other.runner, other.plan(segs))
         alt_text = other.tokenizer.decode(greedy(other, alt, args.max_tokens), skip_special_tokens=True)
-        row["reference"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
+        row["exact"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
         if methods:
             NaiveReuse().prefill(engine.runner, plan, source)  # every chunk in the store
         for spec, method in methods.items():
@@ -81,12 +81,12 @@ def run(args) -> dict:
 
 
 def summarize(rows: list[dict], methods: list[str], near: float) -> list[dict]:
-    """Per column (full, the reference dtype, each method): needles found, and full's needles kept, split by
+    """Per column (full, exact, each method): needles found, and full's needles kept, split by
     full's decisive margin."""
     hit = [r for r in rows if r["found"]]
     close = [r for r in hit if r["margin"] < near]
     table = []
-    for name in ["full", "reference", *methods]:
+    for name in ["full", "exact", *methods]:
         found = (lambda r: r["found"]) if name == "full" else (lambda r, n=name: r[n]["found"])
         table.append(
             dict(
@@ -113,8 +113,8 @@ def write(args, rows: list[dict], partial: bool = False) -> dict:
 def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(n=25, seed=2, dtype="bfloat16", methods=["blend:0.15", "blend:0.1/spans=6"], out=Path("out/margin"))
-    ap.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--reference-chunk", type=int, help="the reference's prefill pass size (default: the engine's)")
+    ap.add_argument("--exact-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--exact-chunk", type=int, help="exact's prefill pass size (default: the engine's)")
     ap.add_argument(
         "--pick", type=lambda v: [int(i) for i in v.split(",")], help="only these prompts of the --n (0-based: 6,10)"
     )
