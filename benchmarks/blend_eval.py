@@ -15,8 +15,8 @@ time (TTFT; the median of ``--repeat`` runs, full's too), the share of the promp
 ratio, the needle found (the code in the greedy answer), agreement with full's answer, and the mean
 KL(full || method) over full's answer tokens. Full's needles are also split by how firmly full chose its
 answer (its smallest logit margin up to the code): the table's "clear needles" are those at least ``CLEAR``
-logits from a tie, the ones a method should keep; the rest hang on near ties that rounding alone flips
-(``benchmarks/needle_margin.py``). Results: ``OUT/NAME.json`` (per prompt and summary) and a
+logits from a tie, the ones a method should keep; the rest hang on near ties that a small perturbation of
+the KV may flip (``benchmarks/needle_margin.py``). Results: ``OUT/NAME.json`` (per prompt and summary) and a
 markdown table on stdout.
 """
 
@@ -140,9 +140,9 @@ def run(args, per_prompt: dict | None = None) -> dict:
 def summarize(rows: dict[str, list[dict]]) -> list[dict]:
     """Per method. ``clear_kept``: of full's needles whose decisive margin (the smallest logit margin of full's
     answer up to the code, ``benchmarks/needle_margin.py``) is at least ``CLEAR`` logits, those it finds too;
-    full's other needles hang on near ties that rounding alone flips."""
+    full's other needles hang on near ties. A method's rows may be one short of full's in a partial write."""
     full_found = sum(r["found"] for r in rows["full"])
-    clear = [i for i, r in enumerate(rows["full"]) if r["found"] and r.get("margin", float("inf")) >= CLEAR]
+    clear = [i for i, r in enumerate(rows["full"]) if r["found"] and r["margin"] >= CLEAR]
     table = []
     for name, rs in rows.items():
         speedups = sorted(r["full_s"] / r["ttft"] for r in rs)

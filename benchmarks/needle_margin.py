@@ -45,6 +45,8 @@ def run(args) -> dict:
     opts = {"haystack": args.haystack} if args.haystack else {}
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
     if args.pick:  # a look at chosen prompts (e.g. the misses of an earlier run)
+        if not all(0 <= i < len(examples) for i in args.pick):
+            raise SystemExit(f"--pick takes prompt indices from 0 to {len(examples) - 1} (the first --n {args.n})")
         examples = [examples[i] for i in args.pick]
     chunk = engine.config.prefill_chunk
     other_chunk = args.exact_chunk or chunk
@@ -53,8 +55,7 @@ def run(args) -> dict:
     methods = {spec: parse_method(spec, chunk) for spec in args.methods}
     rows = []
     for ex in tqdm(examples, desc=f"{args.dataset} seed {args.seed}"):
-        segs = [Segment(d) for d in ex.documents] + [Segment(ex.question, "user")]
-        plan = engine.plan(segs)
+        plan = engine.plan([Segment(d) for d in ex.documents] + [Segment(ex.question, "user")])
         ref = FullPrefill(chunk).prefill(engine.runner, plan)
         ids = greedy(engine, ref, args.max_tokens)
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
@@ -63,7 +64,7 @@ def run(args) -> dict:
         row = dict(id=ex.id, tokens=len(plan), text=text, found=contains_gold(text, ex.answers))
         row["margin"] = float(margin.min())
         row["margin_at"] = engine.tokenizer.decode([ids[int(margin.argmin())]])
-        alt = FullPrefill(other_chunk).prefill(other.runner, other.plan(segs))
+        alt = FullPrefill(other_chunk).prefill(other.runner, plan)  # same model, same tokens
         alt_text = other.tokenizer.decode(greedy(other, alt, args.max_tokens), skip_special_tokens=True)
         row["exact"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
         if methods:
@@ -120,6 +121,8 @@ def main() -> None:
     )
     ap.add_argument("--near", type=float, default=1.0, help="a decisive margin below this many logits is near a tie")
     args = ap.parse_args()
+    if args.exact_chunk is not None and args.exact_chunk < 1:
+        ap.error(f"--exact-chunk must be a positive number of tokens, got {args.exact_chunk}")
     result = run(args)
     print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
     print(f"| column | needles found | full's kept | of those near a tie (< {args.near} logit) | of the clear ones |")

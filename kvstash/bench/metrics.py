@@ -92,7 +92,7 @@ def logit_margins(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"need one logits row per answer token: {tuple(logits.shape)} for {len(ids)} tokens")
     rows, tgt = torch.arange(len(ids)), torch.as_tensor(list(ids), dtype=torch.long)
     lg = logits.float().clone()  # [T, V]; a copy, so inference-mode logits can be written
-    own = lg[rows, tgt].clone()  # [T]
+    own = lg[rows, tgt]  # [T], a copy (advanced indexing)
     lg[rows, tgt] = float("-inf")
     return own - lg.amax(dim=-1)  # [T]
 
