@@ -45,8 +45,6 @@ def run(args) -> dict:
     opts = {"haystack": args.haystack} if args.haystack else {}
     examples = load_dataset(args.dataset, n=args.n, passages=args.passages, seed=args.seed, **opts)
     if args.pick:  # a look at chosen prompts (e.g. the misses of an earlier run)
-        if not all(0 <= i < len(examples) for i in args.pick):
-            raise SystemExit(f"--pick takes prompt indices from 0 to {len(examples) - 1} (the first --n {args.n})")
         examples = [examples[i] for i in args.pick]
     chunk = engine.config.prefill_chunk
     other_chunk = args.exact_chunk or chunk
@@ -123,6 +121,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.exact_chunk is not None and args.exact_chunk < 1:
         ap.error(f"--exact-chunk must be a positive number of tokens, got {args.exact_chunk}")
+    if args.pick and not all(0 <= i < args.n for i in args.pick):
+        ap.error(f"--pick takes prompt indices from 0 to {args.n - 1} (the first --n {args.n} prompts)")
     result = run(args)
     print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
     print(f"| column | needles found | full's kept | of those near a tie (< {args.near} logit) | of the clear ones |")
