@@ -26,7 +26,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -90,9 +90,23 @@ def timed(fn, repeat: int):
     return statistics.median(times), out
 
 
+@dataclass
+class Case:
+    """One prompt as a study's per-prompt method sees it, once full prefill has run: ``ref`` is full's prefill, its
+    cache extended by full's greedy ``answer`` (all but its last token, teacher-forced); ``source`` holds every
+    chunk's standalone KV."""
+
+    engine: Engine
+    example: object
+    plan: object
+    ref: object
+    answer: list[int]
+    source: ChunkSource
+
+
 def run(args, per_prompt: dict | None = None) -> dict:
-    """Every method on every prompt; ``per_prompt`` adds methods built for each prompt, name ->
-    ``fn(engine, example, plan)`` (a study's oracle that knows where the needle is)."""
+    """Every method on every prompt; ``per_prompt`` adds methods built for each prompt, name -> ``fn(case)``
+    (a study's oracle that knows where the needle is, or reads full prefill's KV: :class:`Case`)."""
     engine = Engine(dtype=args.dtype, threads=args.threads)
     source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
     opts = {"haystack": args.haystack} if args.haystack else {}
@@ -113,7 +127,8 @@ def run(args, per_prompt: dict | None = None) -> dict:
         full = dict(base, ttft=full_s, text=ref_text, found=found, agree=True, kl=0.0, recomputed=1.0, margin=margin)
         rows["full"].append(full)
         NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
-        built = {name: fn(engine, ex, plan) for name, fn in per_prompt.items()}
+        case = Case(engine, ex, plan, ref, ref_ids, source)
+        built = {name: fn(case) for name, fn in per_prompt.items()}
         for spec, method in {**methods, **built}.items():
             ttft, pre = timed(lambda m=method, p=plan: m.prefill(engine.runner, p, source), args.repeat)
             ids = greedy(engine, pre, args.max_tokens)
@@ -138,10 +153,12 @@ def run(args, per_prompt: dict | None = None) -> dict:
 
 
 def summarize(rows: dict[str, list[dict]]) -> list[dict]:
-    """Per method. ``clear_kept``: of full's needles whose decisive margin (the smallest logit margin of full's
-    answer up to the code, ``benchmarks/needle_margin.py``) is at least ``CLEAR`` logits, those it finds too;
-    full's other needles hang on near ties. A method's rows may be one short of full's in a partial write."""
+    """Per method. ``kept``: of full's ``of`` needles, those it finds too; ``clear_kept``: of full's needles
+    whose decisive margin (the smallest logit margin of full's answer up to the code,
+    ``benchmarks/needle_margin.py``) is at least ``CLEAR`` logits, those it finds too; full's other needles
+    hang on near ties. A method's rows may be one short of full's in a partial write."""
     full_found = sum(r["found"] for r in rows["full"])
+    hits = [i for i, r in enumerate(rows["full"]) if r["found"]]
     clear = [i for i, r in enumerate(rows["full"]) if r["found"] and r["margin"] >= CLEAR]
     table = []
     for name, rs in rows.items():
@@ -154,6 +171,8 @@ def summarize(rows: dict[str, list[dict]]) -> list[dict]:
                 n=len(rs),
                 found=found,
                 found_vs_full=found / max(1, full_found),
+                kept=sum(rs[i]["found"] for i in hits if i < len(rs)),
+                of=len(hits),
                 clear_kept=sum(rs[i]["found"] for i in clear if i < len(rs)),
                 clear=len(clear),
                 agree=sum(r["agree"] for r in rs),
@@ -205,16 +224,16 @@ def parser(doc: str = __doc__) -> argparse.ArgumentParser:
 def print_table(args, result: dict) -> None:
     print(f"{args.dataset} {args.haystack or ''} seed {args.seed}: {args.n} prompts, {args.passages} passages")
     print(
-        "| method | needle found | vs full | full's clear needles kept | agree w/ full | mean answer KL | recomputed "
-        "| ratio (min-max) | TTFT s | speedup (median, p10) |"
+        "| method | needle found | vs full | full's needles kept | full's clear needles kept | agree w/ full "
+        "| mean answer KL | recomputed | ratio (min-max) | TTFT s | speedup (median, p10) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["summary"]:
         ratio = "" if r["ratio_mean"] is None else f"{r['ratio_mean']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
         print(
-            f"| {r['method']} | {r['found']}/{r['n']} | {r['found_vs_full']:.0%} | {r['clear_kept']}/{r['clear']} | "
-            f"{r['agree']}/{r['n']} | "
-            f"{r['kl']:.3f} | {r['recomputed']:.1%} | {ratio} | {r['ttft_s']:.2f} | "
+            f"| {r['method']} | {r['found']}/{r['n']} | {r['found_vs_full']:.0%} | {r['kept']}/{r['of']} | "
+            f"{r['clear_kept']}/{r['clear']} | {r['agree']}/{r['n']} | {r['kl']:.3f} | {r['recomputed']:.1%} | "
+            f"{ratio} | {r['ttft_s']:.2f} | "
             f"{r['speedup_median']:.2f}x, {r['speedup_p10']:.2f}x |"
         )
 

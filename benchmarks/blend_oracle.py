@@ -1,12 +1,19 @@
-"""Would blend find full prefill's needles if it recomputed the needle itself? An oracle study.
+"""Would blend find full prefill's needles if it recomputed the right tokens? Oracle studies.
 
     .venv/bin/python benchmarks/blend_oracle.py --seed 3 --n 25 --dtype bfloat16 --out out/oracle
+    .venv/bin/python benchmarks/blend_oracle.py --seed 2 --n 25 --dtype bfloat16 --oracles deviation answer \\
+        --oracle-ratio 0.1 0.3 --methods blend:0.1/spans=6 --out out/oracle-select
 
 On `needle-code` prompts (the harness of ``blend_eval.py``: full prefill the reference, passages shuffled,
-chunk KV stored standalone), next to ``--methods`` (default ``blend:0.15``), two oracles that know where the
-needle is and force tokens into blend's recompute, inside the same 15% budget (the rest of it spent as blend
-spends it): ``oracle:needle``, the needle sentence's tokens; ``oracle:passage``, every token of the passage
-that holds it. If the oracles find nearly all of full's needles, blend's misses are a selection problem (it
+chunk KV stored standalone), next to ``--methods`` (default ``blend:0.15``), oracles that force tokens into
+blend's recompute. Two know where the needle is and spend the rest of a 15% budget as blend does:
+``oracle:needle``, the needle sentence's tokens; ``oracle:passage``, every token of the passage that holds it.
+Two read full prefill itself and spend the whole budget (``--oracle-ratio`` of the reused tokens, no question
+focus, no spans) on their pick: ``oracle:deviation``, the reused tokens whose stale chunk KV is furthest from
+full prefill's (relative value distance summed over the layers from the check layer on: the tokens CacheBlend's
+selection estimates at its check layer); ``oracle:answer``, the reused tokens that full prefill's question
+and answer read most (attention summed over layers and heads: what the question focus estimates from its
+naive probe). If an oracle finds nearly all of full's needles, blend's misses are a selection problem (it
 does not recompute the tokens that matter); if not, recomputing them is not enough and the misses come from
 the rest of the reused KV.
 """
@@ -14,9 +21,14 @@ the rest of the reused KV.
 from __future__ import annotations
 
 import torch
-from blend_eval import parser, print_table, run
+from blend_eval import Case, parser, print_table, run
 
+from kvstash.model.replay import attention_votes
 from kvstash.reuse.blend import BlendConfig, BlendReuse
+from kvstash.reuse.partial import NaiveReuse
+from kvstash.reuse.selection import deviation
+
+ORACLES = ("needle", "passage", "deviation", "answer")
 
 
 class Forced(BlendReuse):
@@ -50,22 +62,75 @@ def needle_positions(engine, example, plan, whole_passage: bool) -> torch.Tensor
     return seg.start + torch.tensor(inside)
 
 
+def stale_deviation(case: Case, first: int) -> torch.Tensor:
+    """[T] per prompt token: the relative distance of its laid-out standalone chunk values (naive reuse's cache)
+    from full prefill's, summed over layers ``first`` and later (0 for computed tokens)."""
+    n = len(case.plan)
+    stale = NaiveReuse().prefill(case.engine.runner, case.plan, case.source).cache
+    full = case.ref.cache
+    return sum(deviation(full.v[layer][:, :n], stale.v[layer][:, :n])[1] for layer in range(first, full.layers))
+
+
+def answer_reads(case: Case) -> torch.Tensor:
+    """[T] per prompt token: the attention full prefill's question and answer pay it (the rows after the last
+    document, replayed over full's cache, summed over layers and KV heads)."""
+    n = len(case.plan)
+    start = max(s.end for s in case.plan.segments if s.kind == "document")
+    ids = list(case.plan.token_ids) + case.answer[:-1]  # what the teacher-forced cache holds
+    return attention_votes(case.engine.runner, case.ref.cache, ids, start, len(ids)).sum(dim=(0, 1))[:n]
+
+
+def top_reused(score: torch.Tensor, plan, ratio: float) -> torch.Tensor:
+    """Positions of the ``ratio`` share of the plan's document tokens with the highest ``score`` [T]."""
+    reused = torch.cat([torch.arange(s.start, s.end) for s in plan.segments if s.kind == "document"])
+    return reused[score[reused].topk(round(ratio * len(reused))).indices]
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(methods=["blend:0.15"], n=25)
+    ap.add_argument("--oracles", nargs="+", choices=ORACLES, default=["needle", "passage"])
+    ap.add_argument(
+        "--oracle-ratio", nargs="+", type=float, default=[0.15], help="budgets of the deviation and answer oracles"
+    )
     args = ap.parse_args()
     if args.dataset != "needle-code" and args.dataset != "needle":
         ap.error("the oracles need a needle dataset (needle-code or needle)")
+    if not all(0 < r <= 1 for r in args.oracle_ratio):
+        ap.error(f"--oracle-ratio takes shares of the reused tokens in (0, 1], got {args.oracle_ratio}")
     cfg = BlendConfig()
 
-    def oracle(whole_passage: bool):
-        def build(engine, example, plan):
-            positions = needle_positions(engine, example, plan, whole_passage)
-            return Forced(positions, cfg, engine.config.prefill_chunk)
+    def needle(whole_passage: bool):
+        def build(case: Case):
+            positions = needle_positions(case.engine, case.example, case.plan, whole_passage)
+            return Forced(positions, cfg, case.engine.config.prefill_chunk)
 
         return build
 
-    print_table(args, run(args, {"oracle:needle": oracle(False), "oracle:passage": oracle(True)}))
+    scores = {}  # (oracle, prompt id) -> its scores, shared by the oracle's ratios
+
+    def reading(name: str, score, ratio: float):
+        pure = BlendConfig(ratio=ratio, query_share=0.0, spans=0)  # the whole budget is the oracle's pick
+
+        def build(case: Case):
+            key = (name, case.example.id)
+            if key not in scores:
+                scores.clear()
+                scores[key] = score(case)
+            positions = top_reused(scores[key], case.plan, ratio)
+            return Forced(positions, pure, case.engine.config.prefill_chunk)
+
+        return build
+
+    built = {}
+    for name in args.oracles:
+        if name in ("needle", "passage"):
+            built[f"oracle:{name}"] = needle(name == "passage")
+            continue
+        score = answer_reads if name == "answer" else (lambda case: stale_deviation(case, cfg.check_layer))
+        for ratio in args.oracle_ratio:
+            built[f"oracle:{name}:{ratio:g}"] = reading(name, score, ratio)
+    print_table(args, run(args, built))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/needle_margin.py --seed 2 --n 25 --out out/margin
     .venv/bin/python benchmarks/needle_margin.py --haystack wikimqa --seed 2 --n 50 --passages 7 --out out/margin
+    .venv/bin/python benchmarks/needle_margin.py --seed 2 --n 25 --no-exact --flip --methods --out out/flip
 
 On the prompts of ``blend_eval.py`` (same datasets and seeds, so the same prompts), full prefill in ``--dtype``
 (bf16 by default) is the reference: its greedy answer, and along that answer each token's *margin* (its logit
@@ -13,6 +14,9 @@ after "... project is"), and any perturbation of the KV may flip it. Then, on th
   instead of the engine's 512: another exact computation of the same model, which differs from the
   reference only in rounding. How many of the reference's needles it keeps is the noise floor of the needle
   metric: a reuse method cannot be expected to keep more.
+- *flip* (``--flip``): on each needle full finds, full's answer again with its decisive token replaced by the
+  runner-up (teacher-forced up to it, then greedy): does full prefill itself still answer with the code on
+  the other side of its closest tie? ``--no-exact`` skips the exact column.
 - each of ``--methods`` (reuse specs as in ``blend_eval.py``, in ``--dtype``): needle found, and its smallest
   margin along full's answer (negative: its greedy answer leaves full's there).
 
@@ -22,8 +26,10 @@ The table splits full's needles by decisive margin (below / at least ``--near`` 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from blend_eval import code_end, greedy, parse_method, parser, save
 from tqdm import tqdm
 
@@ -35,11 +41,12 @@ from kvstash.prompt import Segment
 from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.source import ChunkSource
+from kvstash.sampling import SamplingParams
 
 
 def run(args) -> dict:
     engine = Engine(dtype=args.dtype, threads=args.threads)
-    same = resolve_dtype(args.exact_dtype) == resolve_dtype(args.dtype)
+    same = args.no_exact or resolve_dtype(args.exact_dtype) == resolve_dtype(args.dtype)
     other = engine if same else Engine(dtype=args.exact_dtype, threads=args.threads)
     source = ChunkSource.open(engine.runner, engine.lm.fingerprint, "ram:8GiB", args.codec)
     opts = {"haystack": args.haystack} if args.haystack else {}
@@ -48,7 +55,7 @@ def run(args) -> dict:
         examples = [examples[i] for i in args.pick]
     chunk = engine.config.prefill_chunk
     other_chunk = args.exact_chunk or chunk
-    if other is engine and other_chunk == chunk:
+    if other is engine and other_chunk == chunk and not args.no_exact:
         raise SystemExit("exact would be the reference itself: give another --exact-dtype or --exact-chunk")
     methods = {spec: parse_method(spec, chunk) for spec in args.methods}
     rows = []
@@ -58,13 +65,21 @@ def run(args) -> dict:
         ids = greedy(engine, ref, args.max_tokens)
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         upto = code_end(engine, ids, ex.answers)
-        margin = logit_margins(engine.teacher_forced_logits(ref, ids), ids)[:upto]
+        logits = engine.teacher_forced_logits(ref, ids)  # ref.cache now holds the answer too
+        margin = logit_margins(logits, ids)[:upto]
         row = dict(id=ex.id, tokens=len(plan), text=text, found=contains_gold(text, ex.answers))
         row["margin"] = float(margin.min())
         row["margin_at"] = engine.tokenizer.decode([ids[int(margin.argmin())]])
-        alt = FullPrefill(other_chunk).prefill(other.runner, plan)  # same model, same tokens
-        alt_text = other.tokenizer.decode(greedy(other, alt, args.max_tokens), skip_special_tokens=True)
-        row["exact"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
+        if args.flip and row["found"]:
+            at = int(margin.argmin())
+            flip = flipped(engine, ref, len(plan), ids, logits, at, args.max_tokens)
+            flip_text = engine.tokenizer.decode(flip, skip_special_tokens=True)
+            to = engine.tokenizer.decode([flip[at]])
+            row["flip"] = dict(to=to, text=flip_text, found=contains_gold(flip_text, ex.answers))
+        if not args.no_exact:
+            alt = FullPrefill(other_chunk).prefill(other.runner, plan)  # same model, same tokens
+            alt_text = other.tokenizer.decode(greedy(other, alt, args.max_tokens), skip_special_tokens=True)
+            row["exact"] = dict(text=alt_text, found=contains_gold(alt_text, ex.answers))
         if methods:
             NaiveReuse().prefill(engine.runner, plan, source)  # every chunk in the store
         for spec, method in methods.items():
@@ -79,14 +94,34 @@ def run(args) -> dict:
     return write(args, rows)
 
 
-def summarize(rows: list[dict], methods: list[str], near: float) -> list[dict]:
-    """Per column (full, exact, each method): needles found, and full's needles kept, split by
-    full's decisive margin."""
+def flipped(engine: Engine, pre, n: int, ids: list[int], logits: torch.Tensor, at: int, max_tokens: int) -> list[int]:
+    """Full prefill's answer with its token ``at`` replaced by the runner-up of ``logits[at]`` [T, V] (its
+    teacher-forced logits along ``ids``), then greedy again for up to ``max_tokens`` tokens in all. ``pre.cache``
+    holds the ``n`` prompt tokens and the answer (teacher-forced); it is left as it was."""
+    runner_up = int(logits[at].float().index_fill(0, torch.tensor([ids[at]]), float("-inf")).argmax())
+    cache = pre.cache.clone()
+    cache.truncate(n + at)  # the prompt and the answer before the flipped token
+    last = engine.runner.forward(torch.tensor([runner_up]), torch.tensor([n + at]), cache)
+    head = [*ids[:at], runner_up]
+    if len(head) >= max_tokens or runner_up in engine.eos_ids:
+        return head
+    rest = engine.decode(replace(pre, cache=cache, last_logits=last), SamplingParams(max_tokens=max_tokens - len(head)))
+    return head + rest.token_ids
+
+
+def columns(args) -> list[str]:
+    """The table's columns: full, exact (unless ``--no-exact``), flip (with ``--flip``), each method."""
+    return ["full", *(["exact"] if not args.no_exact else []), *(["flip"] if args.flip else []), *args.methods]
+
+
+def summarize(rows: list[dict], names: list[str], near: float) -> list[dict]:
+    """Per column ``names`` (see :func:`columns`): needles found, and full's needles kept, split by full's
+    decisive margin. ``flip`` (full prefill with its decisive token flipped) is measured on full's needles only."""
     hit = [r for r in rows if r["found"]]
     close = [r for r in hit if r["margin"] < near]
     table = []
-    for name in ["full", "exact", *methods]:
-        found = (lambda r: r["found"]) if name == "full" else (lambda r, n=name: r[n]["found"])
+    for name in names:
+        found = (lambda r: r["found"]) if name == "full" else (lambda r, n=name: r.get(n, {}).get("found", False))
         table.append(
             dict(
                 column=name,
@@ -105,7 +140,7 @@ def summarize(rows: list[dict], methods: list[str], near: float) -> list[dict]:
 
 def write(args, rows: list[dict], partial: bool = False) -> dict:
     return save(
-        args, {"config": vars(args), "summary": summarize(rows, args.methods, args.near), "rows": rows}, partial
+        args, {"config": vars(args), "summary": summarize(rows, columns(args), args.near), "rows": rows}, partial
     )
 
 
@@ -116,6 +151,12 @@ def main() -> None:
     ap.add_argument("--exact-chunk", type=int, help="exact's prefill pass size (default: the engine's)")
     ap.add_argument(
         "--pick", type=lambda v: [int(i) for i in v.split(",")], help="only these prompts of the --n (0-based: 6,10)"
+    )
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact column (a second full prefill)")
+    ap.add_argument(
+        "--flip",
+        action="store_true",
+        help="for each needle full finds: its answer again with the decisive token replaced by the runner-up",
     )
     ap.add_argument("--near", type=float, default=1.0, help="a decisive margin below this many logits is near a tie")
     args = ap.parse_args()
