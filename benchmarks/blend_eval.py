@@ -12,10 +12,10 @@ A method is a ``--reuse`` spec, optionally with BlendConfig fields after slashes
 standalone. For every prompt, full prefill is the reference: its greedy answer and its next-token
 distributions along that answer (teacher-forced). Each method is then measured on the same prompt: prefill
 time (TTFT; the median of ``--repeat`` runs, full's too), the share of the prompt recomputed and blend's
-ratio, the needle found (the code in the greedy answer), agreement with full's answer, and the mean
-KL(full || method) over full's answer tokens. Full's needles are also split by how firmly full chose its
-answer (its smallest logit margin up to the code): the table's "clear needles" are those at least ``CLEAR``
-logits from a tie, the ones a method should keep; the rest hang on near ties that a small perturbation of
+ratio, the needle found (the code in the greedy answer) and full's needles kept, agreement with full's answer,
+and the mean KL(full || method) over full's answer tokens. Full's needles are also split by how firmly full
+chose its answer (its smallest logit margin up to the code): the table's "clear needles" are those at least
+``CLEAR`` logits from a tie, the ones a method should keep; the rest hang on near ties that a small perturbation of
 the KV may flip (``benchmarks/needle_margin.py``). Results: ``OUT/NAME.json`` (per prompt and summary) and a
 markdown table on stdout.
 """
@@ -31,10 +31,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvstash.bench.datasets import load_dataset
+from kvstash.bench.datasets import Example, load_dataset
 from kvstash.bench.metrics import answers_agree, contains_gold, kl_divergence, logit_margins
 from kvstash.engine import Engine
-from kvstash.prompt import Segment
+from kvstash.prompt import PromptPlan, Segment
+from kvstash.reuse.base import Prefilled
 from kvstash.reuse.full import FullPrefill
 from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.registry import make_method
@@ -97,9 +98,9 @@ class Case:
     chunk's standalone KV."""
 
     engine: Engine
-    example: object
-    plan: object
-    ref: object
+    example: Example
+    plan: PromptPlan
+    ref: Prefilled
     answer: list[int]
     source: ChunkSource
 

@@ -63,8 +63,8 @@ def needle_positions(engine, example, plan, whole_passage: bool) -> torch.Tensor
 
 
 def stale_deviation(case: Case, first: int) -> torch.Tensor:
-    """[T] per prompt token: the relative distance of its laid-out standalone chunk values (naive reuse's cache)
-    from full prefill's, summed over layers ``first`` and later (0 for computed tokens)."""
+    """[T] per prompt token: the relative distance of its values in naive reuse's cache (for a reused token, its
+    standalone chunk values) from full prefill's, summed over layers ``first`` and later."""
     n = len(case.plan)
     stale = NaiveReuse().prefill(case.engine.runner, case.plan, case.source).cache
     full = case.ref.cache
@@ -100,7 +100,7 @@ def main() -> None:
         ap.error(f"--oracle-ratio takes shares of the reused tokens in (0, 1], got {args.oracle_ratio}")
     cfg = BlendConfig()
 
-    def needle(whole_passage: bool):
+    def known(whole_passage: bool):  # the oracles that know where the needle is
         def build(case: Case):
             positions = needle_positions(case.engine, case.example, case.plan, whole_passage)
             return Forced(positions, cfg, case.engine.config.prefill_chunk)
@@ -109,27 +109,27 @@ def main() -> None:
 
     scores = {}  # (oracle, prompt id) -> its scores, shared by the oracle's ratios
 
-    def reading(name: str, score, ratio: float):
-        pure = BlendConfig(ratio=ratio, query_share=0.0, spans=0)  # the whole budget is the oracle's pick
+    def from_full(name: str, score_fn, ratio: float):  # the oracles that read full prefill
+        whole_budget = BlendConfig(ratio=ratio, query_share=0.0, spans=0)  # no probe, no spans: all the oracle's
 
         def build(case: Case):
             key = (name, case.example.id)
             if key not in scores:
                 scores.clear()
-                scores[key] = score(case)
+                scores[key] = score_fn(case)
             positions = top_reused(scores[key], case.plan, ratio)
-            return Forced(positions, pure, case.engine.config.prefill_chunk)
+            return Forced(positions, whole_budget, case.engine.config.prefill_chunk)
 
         return build
 
     built = {}
     for name in args.oracles:
         if name in ("needle", "passage"):
-            built[f"oracle:{name}"] = needle(name == "passage")
+            built[f"oracle:{name}"] = known(name == "passage")
             continue
-        score = answer_reads if name == "answer" else (lambda case: stale_deviation(case, cfg.check_layer))
+        score_fn = answer_reads if name == "answer" else (lambda case: stale_deviation(case, cfg.check_layer))
         for ratio in args.oracle_ratio:
-            built[f"oracle:{name}:{ratio:g}"] = reading(name, score, ratio)
+            built[f"oracle:{name}:{ratio:g}"] = from_full(name, score_fn, ratio)
     print_table(args, run(args, built))
 
 

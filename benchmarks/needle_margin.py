@@ -14,9 +14,10 @@ after "... project is"), and any perturbation of the KV may flip it. Then, on th
   instead of the engine's 512: another exact computation of the same model, which differs from the
   reference only in rounding. How many of the reference's needles it keeps is the noise floor of the needle
   metric: a reuse method cannot be expected to keep more.
+  ``--no-exact`` skips this column.
 - *flip* (``--flip``): on each needle full finds, full's answer again with its decisive token replaced by the
   runner-up (teacher-forced up to it, then greedy): does full prefill itself still answer with the code on
-  the other side of its closest tie? ``--no-exact`` skips the exact column.
+  the other side of its closest tie? Its "needles found" counts over full's needles, the prompts it ran on.
 - each of ``--methods`` (reuse specs as in ``blend_eval.py``, in ``--dtype``): needle found, and its smallest
   margin along full's answer (negative: its greedy answer leaves full's there).
 
@@ -65,7 +66,7 @@ def run(args) -> dict:
         ids = greedy(engine, ref, args.max_tokens)
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         upto = code_end(engine, ids, ex.answers)
-        logits = engine.teacher_forced_logits(ref, ids)  # ref.cache now holds the answer too
+        logits = engine.teacher_forced_logits(ref, ids)  # ref.cache now holds the answer but its last token
         margin = logit_margins(logits, ids)[:upto]
         row = dict(id=ex.id, tokens=len(plan), text=text, found=contains_gold(text, ex.answers))
         row["margin"] = float(margin.min())
@@ -94,24 +95,34 @@ def run(args) -> dict:
     return write(args, rows)
 
 
-def flipped(engine: Engine, pre, n: int, ids: list[int], logits: torch.Tensor, at: int, max_tokens: int) -> list[int]:
-    """Full prefill's answer with its token ``at`` replaced by the runner-up of ``logits[at]`` [T, V] (its
-    teacher-forced logits along ``ids``), then greedy again for up to ``max_tokens`` tokens in all. ``pre.cache``
-    holds the ``n`` prompt tokens and the answer (teacher-forced); it is left as it was."""
+def flipped(engine: Engine, ref, n: int, ids: list[int], logits: torch.Tensor, at: int, max_tokens: int) -> list[int]:
+    """Full prefill's answer ``ids`` with its token ``at`` replaced by the runner-up of ``logits[at]`` (``logits``
+    [T, V]: teacher-forced along ``ids``), then greedy again, up to ``max_tokens`` tokens in all. ``ref.cache``
+    holds the ``n`` prompt tokens and the answer but its last token (teacher-forced); it is left as it was."""
     runner_up = int(logits[at].float().index_fill(0, torch.tensor([ids[at]]), float("-inf")).argmax())
-    cache = pre.cache.clone()
-    cache.truncate(n + at)  # the prompt and the answer before the flipped token
-    last = engine.runner.forward(torch.tensor([runner_up]), torch.tensor([n + at]), cache)
     head = [*ids[:at], runner_up]
     if len(head) >= max_tokens or runner_up in engine.eos_ids:
         return head
-    rest = engine.decode(replace(pre, cache=cache, last_logits=last), SamplingParams(max_tokens=max_tokens - len(head)))
-    return head + rest.token_ids
+    cache = ref.cache.clone()
+    cache.truncate(n + at)  # the prompt and the answer before the flipped token
+    last = engine.runner.forward(torch.tensor([runner_up]), torch.tensor([n + at]), cache)
+    # decoding goes on after the flipped token: its positions start at n + at + 1
+    after = replace(ref, cache=cache, last_logits=last, report=replace(ref.report, prompt_tokens=n + at + 1))
+    return head + engine.decode(after, SamplingParams(max_tokens=max_tokens - len(head))).token_ids
 
 
 def columns(args) -> list[str]:
     """The table's columns: full, exact (unless ``--no-exact``), flip (with ``--flip``), each method."""
     return ["full", *(["exact"] if not args.no_exact else []), *(["flip"] if args.flip else []), *args.methods]
+
+
+def found_in(row: dict, name: str) -> bool:
+    """Whether column ``name`` found the needle on ``row`` (flip ran only where full found it)."""
+    if name == "full":
+        return row["found"]
+    if name == "flip":
+        return "flip" in row and row["flip"]["found"]
+    return row[name]["found"]
 
 
 def summarize(rows: list[dict], names: list[str], near: float) -> list[dict]:
@@ -121,17 +132,17 @@ def summarize(rows: list[dict], names: list[str], near: float) -> list[dict]:
     close = [r for r in hit if r["margin"] < near]
     table = []
     for name in names:
-        found = (lambda r: r["found"]) if name == "full" else (lambda r, n=name: r.get(n, {}).get("found", False))
+        kept, kept_near = (sum(found_in(r, name) for r in rs) for rs in (hit, close))
         table.append(
             dict(
                 column=name,
-                n=len(rows),
-                found=sum(map(found, rows)),
-                kept=sum(map(found, hit)),
+                n=len(hit) if name == "flip" else len(rows),
+                found=sum(found_in(r, name) for r in rows),
+                kept=kept,
                 of=len(hit),
-                kept_near=sum(map(found, close)),
+                kept_near=kept_near,
                 near=len(close),
-                kept_clear=sum(map(found, hit)) - sum(map(found, close)),
+                kept_clear=kept - kept_near,
                 clear=len(hit) - len(close),
             )
         )
@@ -160,6 +171,8 @@ def main() -> None:
     )
     ap.add_argument("--near", type=float, default=1.0, help="a decisive margin below this many logits is near a tie")
     args = ap.parse_args()
+    if args.no_exact and args.exact_chunk is not None:
+        ap.error("--exact-chunk sets the exact column's pass size: drop it, or drop --no-exact")
     if args.exact_chunk is not None and args.exact_chunk < 1:
         ap.error(f"--exact-chunk must be a positive number of tokens, got {args.exact_chunk}")
     if args.pick and not all(0 <= i < args.n for i in args.pick):
