@@ -94,14 +94,15 @@ def timed(fn, repeat: int):
 @dataclass
 class Case:
     """One prompt as a study's per-prompt method sees it, once full prefill has run: ``ref`` is full's prefill, its
-    cache extended by full's greedy ``answer`` (all but its last token, teacher-forced); ``source`` holds every
-    chunk's standalone KV."""
+    cache extended by full's greedy ``answer`` (all but its last token, teacher-forced); ``naive`` is naive reuse's
+    prefill (every stored chunk's standalone KV laid out at its place); ``source`` holds every chunk's KV."""
 
     engine: Engine
     example: Example
     plan: PromptPlan
     ref: Prefilled
     answer: list[int]
+    naive: Prefilled
     source: ChunkSource
 
 
@@ -127,8 +128,8 @@ def run(args, per_prompt: dict | None = None) -> dict:
         base = dict(id=ex.id, tokens=len(plan), full_s=full_s)
         full = dict(base, ttft=full_s, text=ref_text, found=found, agree=True, kl=0.0, recomputed=1.0, margin=margin)
         rows["full"].append(full)
-        NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
-        case = Case(engine, ex, plan, ref, ref_ids, source)
+        naive = NaiveReuse().prefill(engine.runner, plan, source)  # warm: every chunk in the store
+        case = Case(engine, ex, plan, ref, ref_ids, naive, source)
         built = {name: fn(case) for name, fn in per_prompt.items()}
         for spec, method in {**methods, **built}.items():
             ttft, pre = timed(lambda m=method, p=plan: m.prefill(engine.runner, p, source), args.repeat)

@@ -25,7 +25,6 @@ from blend_eval import Case, parser, print_table, run
 
 from kvstash.model.replay import attention_votes
 from kvstash.reuse.blend import BlendConfig, BlendReuse
-from kvstash.reuse.partial import NaiveReuse
 from kvstash.reuse.selection import deviation
 
 ORACLES = ("needle", "passage", "deviation", "answer")
@@ -66,8 +65,7 @@ def stale_deviation(case: Case, first: int) -> torch.Tensor:
     """[T] per prompt token: the relative distance of its values in naive reuse's cache (for a reused token, its
     standalone chunk values) from full prefill's, summed over layers ``first`` and later."""
     n = len(case.plan)
-    stale = NaiveReuse().prefill(case.engine.runner, case.plan, case.source).cache
-    full = case.ref.cache
+    stale, full = case.naive.cache, case.ref.cache
     return sum(deviation(full.v[layer][:, :n], stale.v[layer][:, :n])[1] for layer in range(first, full.layers))
 
 
